@@ -1,0 +1,46 @@
+# Crucible: `make demo` runs the main job end to end; `make test` runs the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PIP_QUIET ?= -q
+
+.PHONY: setup test-deps demo test lint openapi bench-memory clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev]"
+	touch $@
+
+# Test-only tools in side venvs: olah (the Hub stand-in) pins packages of its own, and
+# mergekit 0.1.5 is the reference implementation the method tests compare against.
+.venv-olah/.installed:
+	$(PYTHON) -m venv .venv-olah
+	.venv-olah/bin/pip install $(PIP_QUIET) olah
+	touch $@
+
+.venv-mergekit/.installed:
+	$(PYTHON) -m venv .venv-mergekit
+	.venv-mergekit/bin/pip install $(PIP_QUIET) torch==2.13.0 mergekit==0.1.5
+	touch $@
+
+setup: $(VENV)/.installed
+
+test-deps: setup .venv-olah/.installed .venv-mergekit/.installed
+
+demo: setup
+	$(VENV)/bin/python scripts/demo.py
+
+test: test-deps
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+openapi: setup
+	$(VENV)/bin/crucible openapi
+
+bench-memory: setup
+	$(VENV)/bin/python bench/memory.py
+
+clean:
+	rm -rf .demo .data

@@ -1,0 +1,197 @@
+"""`crucible` command line: up | serve | worker | merge | keys | openapi."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+
+from crucible.settings import Settings, get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (stored hashed).")
+app.add_typer(keys_app, name="keys")
+console = Console(stderr=True)
+
+
+def _store(settings: Settings) -> Any:
+    from crucible.store import JobStore
+
+    store = JobStore(settings.resolved_database_url)
+    store.migrate()
+    return store
+
+
+def _worker_argv(concurrency: int, pool: str, loglevel: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.app:celery", "worker",
+        "-Q", "gpu", "--concurrency", str(concurrency), "--pool", pool,
+        "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+    ]
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Jobs run at once.")] = 1,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
+    loglevel: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run a Celery worker on the `gpu` queue."""
+    os.execv(sys.executable, _worker_argv(concurrency, pool, loglevel))
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Folder for every embedded default.")] = Path(
+        ".data"
+    ),
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Start the API and one worker with embedded defaults (SQLite, filesystem broker,
+    local artifact store), all under DATA_DIR. Ctrl-C stops both."""
+    import uvicorn
+
+    os.environ["CRUCIBLE_DATA_DIR"] = str(data_dir.resolve())
+    settings = get_settings()
+    _store(settings)  # migrate once before two processes race to it
+    worker_proc = subprocess.Popen(_worker_argv(1, "prefork", "warning"))
+    console.print(
+        f"[bold]crucible[/] API on http://{host}:{port}, worker pid {worker_proc.pid}, "
+        f"data in {settings.data_root}"
+    )
+    try:
+        uvicorn.run("service.app:create_app", factory=True, host=host, port=port)
+    finally:
+        worker_proc.send_signal(signal.SIGTERM)
+        try:
+            worker_proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker_proc.kill()
+
+
+class ConsoleReporter:
+    """Prints stages and progress for `crucible merge`."""
+
+    def __init__(self) -> None:
+        self._stage = ""
+        self._last = 0.0
+
+    def stage(self, name: str) -> None:
+        self._stage = name
+        console.print(f"[bold]{name}[/]")
+
+    def progress(self, done: int, total: int, unit: str) -> None:
+        now = time.monotonic()
+        if done >= total or now - self._last > 1.0:
+            console.print(f"  {self._stage}: {done}/{total} {unit}")
+            self._last = now
+
+    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        console.print(f"  {message}")
+
+    def check_cancelled(self) -> None:
+        return None
+
+
+@app.command()
+def merge(
+    spec_file: Annotated[Path, typer.Argument(help="A MergeSpec as YAML or JSON.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("merged"),
+) -> None:
+    """Run a merge locally, without the service (like mergekit-yaml)."""
+    from pydantic import ValidationError
+
+    from crucible.errors import CrucibleError
+    from crucible.pipeline import run_merge_job
+    from crucible.spec import MergeSpec
+
+    try:
+        raw = yaml.safe_load(spec_file.read_text())
+        spec = MergeSpec.model_validate(raw)
+    except (OSError, yaml.YAMLError) as exc:
+        console.print(f"[red]cannot read {spec_file}: {exc}[/]")
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        console.print(f"[red]invalid spec:[/]\n{exc}")
+        raise typer.Exit(2) from None
+    # The local operator may read any local path.
+    settings = Settings(allowed_local_dirs=[Path("/")])
+    try:
+        outcome = run_merge_job(spec, out.resolve(), settings, ConsoleReporter())
+    except CrucibleError as exc:
+        console.print(f"[red]{exc.code}: {exc.message}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"[green]merged model written to {outcome.output_dir}[/]")
+    typer.echo(json.dumps(outcome.metrics))
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key acts for.")],
+    label: Annotated[str | None, typer.Option(help="A note to recognise the key.")] = None,
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    key_id, plaintext = _store(get_settings()).create_api_key(tenant, label)
+    console.print(f"created key {key_id} for tenant {tenant!r}; store it now, it is not shown again")
+    typer.echo(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
+    """List keys (ids, tenants, labels; never the secrets)."""
+    for row in _store(get_settings()).list_api_keys(tenant):
+        typer.echo(json.dumps(row, default=str))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument()]) -> None:
+    """Revoke a key at once."""
+    if not _store(get_settings()).revoke_api_key(key_id):
+        console.print(f"[red]no key {key_id}[/]")
+        raise typer.Exit(1)
+    console.print(f"revoked {key_id}")
+
+
+@app.command()
+def openapi(
+    check: Annotated[bool, typer.Option(help="Fail if openapi/openapi.json is stale.")] = False,
+    path: Annotated[Path, typer.Option()] = Path("openapi/openapi.json"),
+) -> None:
+    """Write (or check) the OpenAPI document generated from the app."""
+    from service.openapi_doc import render_openapi
+
+    text = render_openapi()
+    if check:
+        if not path.exists() or path.read_text() != text:
+            console.print(f"[red]{path} is stale: run `crucible openapi`[/]")
+            raise typer.Exit(1)
+        console.print(f"{path} is up to date")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,33 @@
+"""The one error type that crosses layers: a stable code, a human message, optional detail.
+
+A job that fails records exactly these three fields; the API answers them in the shape
+`{"error": {"code", "message", "detail"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CrucibleError(Exception):
+    """An expected failure with a stable machine-readable code.
+
+    Codes used so far:
+      invalid_spec, unsupported_uri, local_path_forbidden,
+      source_not_found, source_unavailable, no_weights, corrupt_safetensors,
+      incompatible_models, cancelled, internal.
+    """
+
+    def __init__(self, code: str, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "detail": self.detail}
+
+
+class JobCancelled(CrucibleError):
+    def __init__(self, message: str = "the job was cancelled") -> None:
+        super().__init__("cancelled", message)

@@ -1,0 +1,67 @@
+"""Process settings from the environment (prefix CRUCIBLE_), with embedded defaults.
+
+Embedded defaults keep everything under one data folder: SQLite for jobs, kombu's
+filesystem transport as the broker, and a local artifact store. Production points
+CRUCIBLE_DATABASE_URL at PostgreSQL and CRUCIBLE_BROKER_URL at Redis.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".data"), description="Root of every embedded default.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite if unset.")
+    broker_url: str | None = Field(default=None, description="Celery broker; filesystem if unset.")
+    artifacts_dir: Path | None = Field(default=None, description="Local artifact store.")
+    # file:// sources are refused unless they lie under one of these folders.
+    allowed_local_dirs: list[Path] = Field(default_factory=list)
+    device: str = Field(default="auto", description="auto | cpu | cuda")
+    max_experts: int = 32
+    list_limit_max: int = 200
+    # How often a running job looks at the cancel flag (seconds between database reads).
+    cancel_poll_seconds: float = 0.5
+    # Redis redelivers unacknowledged tasks after this; longer than the longest job.
+    visibility_timeout_seconds: int = 12 * 3600
+    # Seconds between progress writes to the job store (the last one is always written).
+    progress_interval_seconds: float = 0.5
+
+    @cached_property
+    def data_root(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_root / 'crucible.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_root / "broker"
+
+    @property
+    def artifacts_root(self) -> Path:
+        return (self.artifacts_dir or self.data_root / "artifacts").expanduser().resolve()
+
+    def job_output_dir(self, job_id: str) -> Path:
+        return self.artifacts_root / "jobs" / job_id / "output"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+
+def get_settings() -> Settings:
+    return Settings()

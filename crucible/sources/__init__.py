@@ -1,0 +1,1 @@
+"""Where weights come from: local folders, the Hugging Face Hub; safetensors headers."""

@@ -1,0 +1,208 @@
+"""The contract: what a merge request is (MergeSpec) and what a job looks like (Job).
+
+Torch-free: the API validates requests with these models and publishes them in OpenAPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from crucible.methods.registry import METHODS
+from crucible.sources.uri import SOURCE_SCHEMES, parse_uri
+
+DType = Literal["float32", "float16", "bfloat16"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+_REVISION = re.compile(r"^[\w.\-/]{1,255}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    """A model by URI and revision; the worker pins the revision to a commit."""
+
+    uri: str = Field(description="hf://org/name or file:///absolute/path (if the server allows).")
+    revision: str = Field(default="main", description="Branch, tag or commit sha.")
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, v: str) -> str:
+        parsed = parse_uri(v)
+        if parsed.scheme not in SOURCE_SCHEMES:
+            raise ValueError(
+                f"{parsed.scheme}:// is not a supported model source; use hf:// or file://"
+            )
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _check_revision(cls, v: str) -> str:
+        if not _REVISION.match(v) or ".." in v:
+            raise ValueError(f"malformed revision {v!r}")
+        return v
+
+
+class ExpertRef(ModelRef):
+    name: str | None = Field(default=None, max_length=128, description="A label for reports.")
+    weight: float = Field(default=1.0, description="Per-expert weight used by the method.")
+    dataset: str | None = Field(
+        default=None, description="Reserved for data-aware methods (not available yet)."
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("weight must be a finite number")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _no_dataset_yet(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("datasets are not available yet in this version")
+        return v
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 123, "500MB", "5GB" or "2GiB" (decimal units as the Hub uses them)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"malformed size {value!r}: expected e.g. 5GB, 500MB or 1048576")
+    return int(float(m[1]) * _UNITS[(m[2] or "B").upper()])
+
+
+class OutputSpec(_Strict):
+    uri: str = Field(default="local://", description="local:// is the artifact store.")
+    dtype: DType | None = Field(default=None, description="Output dtype; the base's if unset.")
+    shard_size: int | str = Field(default="5GB", description="Maximum bytes per shard.")
+    format: Literal["full"] = "full"
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, v: str) -> str:
+        parsed = parse_uri(v)
+        if parsed.scheme != "local":
+            raise ValueError(
+                f"{parsed.scheme}:// outputs are not available yet; use local:// (the artifact store)"
+            )
+        return v
+
+    @field_validator("shard_size")
+    @classmethod
+    def _check_shard_size(cls, v: int | str) -> int:
+        size = parse_size(v)
+        if size < 1024:
+            raise ValueError("shard_size must be at least 1024 bytes")
+        return size
+
+
+def _method_model(name: str) -> type[BaseModel]:
+    info = METHODS[name]
+    model_name = "".join(part.capitalize() for part in name.split("_")) + "Method"
+    return create_model(
+        model_name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=info.summary,
+        name=(Literal[name], ...),  # type: ignore[valid-type]
+        params=(info.params, Field(default_factory=info.params)),
+    )
+
+
+# One model per method, discriminated by name: a bad param is reported at
+# method.<name>.params.<field>, an unknown name lists the known ones.
+MethodSpec = Annotated[
+    Union[tuple(_method_model(n) for n in METHODS)],  # type: ignore[valid-type]  # noqa: UP007
+    Field(discriminator="name"),
+]
+
+
+class MergeSpec(_Strict):
+    base: ModelRef
+    experts: list[ExpertRef] = Field(min_length=1)
+    method: MethodSpec
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    tuning: dict[str, Any] | None = Field(default=None, description="Reserved: not available yet.")
+    webhook: dict[str, Any] | None = Field(default=None, description="Reserved: not available yet.")
+
+    @field_validator("tuning", "webhook")
+    @classmethod
+    def _reserved(cls, v: dict[str, Any] | None) -> None:
+        if v is not None:
+            raise ValueError("not available yet in this version")
+        return None
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+class Progress(BaseModel):
+    done: int = 0
+    total: int = 0
+    unit: str = "tensors"
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class FileEntry(BaseModel):
+    path: str
+    sha256: str
+    bytes: int
+
+
+class JobResult(BaseModel):
+    uri: str
+    files: list[FileEntry] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class JobEvent(BaseModel):
+    at: datetime
+    kind: str
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class Job(BaseModel):
+    id: str
+    status: JobStatus
+    stage: str | None = None
+    progress: Progress = Field(default_factory=Progress)
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    cancel_requested: bool = False
+    spec: dict[str, Any]
+    result: JobResult | None = None
+    error: JobError | None = None
+    events: list[JobEvent] = Field(default_factory=list)
+
+
+class JobPage(BaseModel):
+    items: list[Job]
+    next_cursor: str | None = None

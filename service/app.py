@@ -1,0 +1,38 @@
+"""The FastAPI application: `uvicorn --factory service.app:create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import crucible
+from crucible.queue import make_celery
+from crucible.settings import Settings, get_settings
+from crucible.store import JobStore
+from service.errors import install_error_handlers
+from service.routes import meta, merges
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.store.migrate()
+        yield
+
+    app = FastAPI(
+        title="Crucible",
+        version=crucible.__version__,
+        description="Model merging as a service. Authenticate with `Authorization: Bearer <key>`.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = JobStore(settings.resolved_database_url)
+    app.state.celery = make_celery(settings)
+    install_error_handlers(app)
+    app.include_router(merges.router)
+    app.include_router(meta.router)
+    return app

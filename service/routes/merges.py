@@ -1,0 +1,154 @@
+"""Merge jobs: submit, read, list, cancel, download outputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from crucible.queue import enqueue_merge
+from crucible.settings import Settings
+from crucible.sources.uri import parse_uri
+from crucible.spec import Job, JobPage, JobStatus, MergeSpec
+from crucible.store import IdempotencyConflict, JobStore
+from service.auth import Tenant
+from service.errors import ApiError
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/merges", tags=["merges"])
+
+_ERRORS = {
+    401: {"description": "Missing or invalid API key"},
+    404: {"description": "No such job for this tenant"},
+}
+
+
+def _store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _check_limits_and_paths(spec: MergeSpec, settings: Settings) -> None:
+    if len(spec.experts) > settings.max_experts:
+        raise ApiError(
+            422,
+            "limit_exceeded",
+            f"experts: at most {settings.max_experts} experts per job (got {len(spec.experts)})",
+            {"field": "experts", "limit": settings.max_experts},
+        )
+    allowed = [d.expanduser().resolve() for d in settings.allowed_local_dirs]
+    refs = [("base", spec.base), *((f"experts.{i}", e) for i, e in enumerate(spec.experts))]
+    for field, ref in refs:
+        parsed = parse_uri(ref.uri)
+        if parsed.scheme != "file":
+            continue
+        path = Path(parsed.target).resolve()
+        if not any(path.is_relative_to(root) for root in allowed):
+            raise ApiError(
+                422,
+                "local_path_forbidden",
+                f"{field}.uri: local paths are only allowed under the server's allowed "
+                "directories (CRUCIBLE_ALLOWED_LOCAL_DIRS)",
+                {"field": f"{field}.uri"},
+            )
+
+
+@router.post("", status_code=202, response_model=Job, responses={**_ERRORS, 409: {}, 503: {}})
+def submit_merge(
+    spec: MergeSpec,
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Job:
+    """Queue a merge. With an Idempotency-Key, a retry with the same body returns the same
+    job (200 instead of 202 when it already existed); another body under the key is a 409."""
+    store, settings = _store(request), _settings(request)
+    _check_limits_and_paths(spec, settings)
+    try:
+        job, created = store.create_job(
+            tenant, spec.model_dump(mode="json"), spec.digest(), idempotency_key
+        )
+    except IdempotencyConflict as exc:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "this Idempotency-Key was already used with a different request body",
+            {"job_id": str(exc)},
+        ) from None
+    response.headers["Location"] = f"/v1/merges/{job.id}"
+    if not created:
+        response.status_code = 200
+        return job
+    try:
+        enqueue_merge(request.app.state.celery, job.id)
+    except Exception as exc:
+        log.error("enqueue of %s failed: %s", job.id, type(exc).__name__)
+        error = {"code": "broker_unavailable", "message": "the job queue is unavailable"}
+        store.finish(job.id, "failed", error=error)
+        raise ApiError(503, "broker_unavailable", "the job queue is unavailable; retry later",
+                       {"job_id": job.id}) from None
+    return job
+
+
+@router.get("", response_model=JobPage, responses=_ERRORS)
+def list_merges(
+    request: Request,
+    tenant: Tenant,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    try:
+        items, next_cursor = _store(request).list_jobs(tenant, status, limit, cursor)
+    except ValueError:
+        raise ApiError(422, "invalid_request", "cursor: malformed cursor",
+                       [{"field": "query.cursor", "message": "malformed cursor"}]) from None
+    return JobPage(items=items, next_cursor=next_cursor)
+
+
+def _job_or_404(request: Request, tenant: str, job_id: str) -> Job:
+    job = _store(request).get_job(job_id, tenant)
+    if job is None:
+        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    return job
+
+
+@router.get("/{job_id}", response_model=Job, responses=_ERRORS)
+def get_merge(job_id: str, request: Request, tenant: Tenant) -> Job:
+    return _job_or_404(request, tenant, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=Job, responses=_ERRORS)
+def cancel_merge(job_id: str, request: Request, tenant: Tenant) -> Job:
+    """Queued jobs are cancelled at once and never start; running jobs stop at the next
+    tensor; finished jobs are returned unchanged."""
+    job = _store(request).request_cancel(job_id, tenant)
+    if job is None:
+        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    return job
+
+
+@router.get(
+    "/{job_id}/files/{path:path}",
+    response_class=FileResponse,
+    responses={**_ERRORS, 409: {"description": "The job has not succeeded"}},
+)
+def get_merge_file(job_id: str, path: str, request: Request, tenant: Tenant) -> FileResponse:
+    job = _job_or_404(request, tenant, job_id)
+    if job.status != "succeeded" or job.result is None:
+        raise ApiError(409, "not_ready", f"job {job_id} has no output (status {job.status})")
+    known = {f.path for f in job.result.files}
+    if path not in known:
+        raise ApiError(404, "not_found", f"job {job_id} has no file {path!r}")
+    root = _settings(request).job_output_dir(job_id).resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root) or not target.is_file():
+        raise ApiError(404, "not_found", f"job {job_id} has no file {path!r}")
+    return FileResponse(target, filename=target.name)

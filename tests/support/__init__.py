@@ -1,0 +1,1 @@
+"""Test helpers that start real servers (olah, Redis, PostgreSQL, uvicorn, Celery)."""

@@ -1,0 +1,1 @@
+"""Celery worker: the app and thin tasks that call crucible's pipeline."""
