@@ -1,0 +1,460 @@
+"""Job records: the one place that reads and writes jobs and their events.
+
+The API process and the worker process share the database (SQLite file by default,
+PostgreSQL in production). Every state change that can race (claim, cancel, idempotent
+create) is a single conditional statement or a write transaction, so the database decides
+the winner. Everything returned is a pydantic ``crucible.spec.Job``, never an ORM row.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, get_args
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from crucible.spec import (
+    TERMINAL_STATUSES,
+    Job,
+    JobError,
+    JobEvent,
+    JobResult,
+    JobStatus,
+    Progress,
+)
+from crucible.store.api_keys import ApiKeyMixin
+from crucible.store.models import JobEventRow, JobRow, now_utc
+
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+EVENTS_PER_JOB = 100
+JOB_STATUSES: frozenset[str] = frozenset(get_args(JobStatus))
+
+# Long enough that an API request waits out a worker's short write instead of failing.
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option that makes our SQLite "begin" hook take the write lock up front.
+_IMMEDIATE = "crucible_sqlite_immediate"
+# Any fixed 64-bit number; every process migrating the same database takes this lock.
+_MIGRATION_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"crucible.store.migrate").digest()[:8], "big", signed=True
+)
+_JOB_ID = re.compile(r"job_[0-9a-f]{24}")
+
+
+class IdempotencyConflict(Exception):
+    """The tenant already used this idempotency key for a different request body."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"idempotency key already used for job {self.job_id} with a different body"
+
+
+class _JobIds:
+    """``job_`` + 12 hex of Unix milliseconds + 12 hex of randomness.
+
+    Ids sort in creation order across processes to the millisecond; within one process the
+    random part counts up inside a millisecond so that ids made back to back still sort.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = (0, 0)
+
+    def new(self) -> str:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            last_ms, last_rand = self._last
+            if ms <= last_ms:
+                ms, rand = last_ms, last_rand + 1
+                if rand >= 1 << 48:
+                    ms, rand = ms + 1, secrets.randbits(47)
+            else:
+                # 47 bits leave headroom to count up within the millisecond.
+                rand = secrets.randbits(47)
+            self._last = (ms, rand)
+        return f"job_{ms:012x}{rand:012x}"
+
+
+_job_ids = _JobIds()
+
+
+def new_job_id() -> str:
+    return _job_ids.new()
+
+
+def encode_cursor(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str) -> str:
+    """The job id inside a cursor; ValueError for anything we did not hand out."""
+    try:
+        raw = cursor.encode("ascii")
+        job_id = base64.b64decode(raw + b"=" * (-len(raw) % 4), altchars=b"-_", validate=True)
+        decoded = job_id.decode("ascii")
+    except ValueError as exc:  # binascii.Error and Unicode errors are ValueErrors
+        raise ValueError("malformed cursor") from exc
+    if not _JOB_ID.fullmatch(decoded):
+        raise ValueError("malformed cursor")
+    return decoded
+
+
+def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
+    """An alembic Config for our migrations, with no alembic.ini needed on disk.
+
+    ``connection`` (already in a transaction) is what migrate() uses; ``url`` is for tooling,
+    e.g. ``command.revision(alembic_config(url), "add x", autogenerate=True)``.
+    """
+    cfg = Config()
+    # Config options go through configparser interpolation: double any '%'.
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    cfg.set_main_option("file_template", "%%(rev)s_%%(slug)s")
+    # Several version_locations are separated by os.pathsep (alembic's non-legacy mode).
+    cfg.set_main_option("path_separator", "os")
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        # Connections in the pool die when PostgreSQL restarts or a proxy drops them.
+        return create_engine(parsed, pool_pre_ping=True)
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        raise ValueError("the store needs a SQLite file (sqlite:///path/to/db), not memory")
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Turn off pysqlite's own transaction handling (it skips BEGIN before DDL and always
+        # uses a deferred BEGIN); the "begin" hook below emits the BEGIN we want.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        try:
+            # busy_timeout first: switching to WAL needs a lock another process may hold.
+            cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+            # WAL lets the API read while the worker writes, across processes.
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers take the write lock at BEGIN. A deferred transaction that reads and then
+        # writes gets SQLITE_BUSY at once (no busy wait) if another process wrote in between.
+        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _job_from_row(row: JobRow, events: Sequence[JobEvent] = ()) -> Job:
+    return Job(
+        id=row.id,
+        status=row.status,  # type: ignore[arg-type]
+        stage=row.stage,
+        progress=Progress.model_validate(row.progress or {}),
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        cancel_requested=bool(row.cancel_requested),
+        spec=row.spec,
+        result=JobResult.model_validate(row.result) if row.result is not None else None,
+        error=JobError.model_validate(row.error) if row.error is not None else None,
+        events=list(events),
+    )
+
+
+class JobStore(ApiKeyMixin):
+    """Jobs, job events and API keys in one SQL database (SQLite file or PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, write: bool = False) -> Iterator[Session]:
+        """One transaction; committed on exit, rolled back on error."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            if write and self.dialect == "sqlite":
+                session.connection(execution_options={_IMMEDIATE: True})
+            yield session
+
+    def migrate(self) -> None:
+        """Upgrade to the newest schema; two processes starting at once is fine."""
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                # BEGIN IMMEDIATE: the second process waits for the first one's whole
+                # migration, then finds the schema at head (SQLite DDL is transactional).
+                conn.execution_options(**{_IMMEDIATE: True})
+            with conn.begin():
+                if self.dialect == "postgresql":
+                    # Released at commit; DDL is transactional on PostgreSQL too.
+                    conn.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+                command.upgrade(alembic_config(connection=conn), "head")
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1")).scalar_one()
+
+    def _events(self, session: Session, job_ids: Sequence[str]) -> dict[str, list[JobEvent]]:
+        """The last EVENTS_PER_JOB events of each job, oldest first, in one query."""
+        out: dict[str, list[JobEvent]] = {job_id: [] for job_id in job_ids}
+        if not job_ids:
+            return out
+        rank = (
+            func.row_number()
+            .over(partition_by=JobEventRow.job_id, order_by=JobEventRow.id.desc())
+            .label("rank")
+        )
+        recent = (
+            select(
+                JobEventRow.id,
+                JobEventRow.job_id,
+                JobEventRow.at,
+                JobEventRow.kind,
+                JobEventRow.message,
+                JobEventRow.data,
+                rank,
+            )
+            .where(JobEventRow.job_id.in_(job_ids))
+            .subquery()
+        )
+        rows = session.execute(
+            select(recent)
+            .where(recent.c.rank <= EVENTS_PER_JOB)
+            .order_by(recent.c.job_id, recent.c.id)
+        )
+        for row in rows:
+            out[row.job_id].append(
+                JobEvent(at=row.at, kind=row.kind, message=row.message, data=row.data)
+            )
+        return out
+
+    def _get(self, session: Session, job_id: str, tenant: str | None = None) -> Job | None:
+        query = select(JobRow).where(JobRow.id == job_id)
+        if tenant is not None:
+            query = query.where(JobRow.tenant == tenant)
+        row = session.execute(query).scalar_one_or_none()
+        if row is None:
+            return None
+        return _job_from_row(row, self._events(session, [row.id])[row.id])
+
+    def _idempotent_match(
+        self, session: Session, tenant: str, key: str, spec_digest: str
+    ) -> Job | None:
+        row = session.execute(
+            select(JobRow).where(JobRow.tenant == tenant, JobRow.idempotency_key == key)
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+        if row.spec_digest != spec_digest:
+            raise IdempotencyConflict(row.id)
+        return _job_from_row(row, self._events(session, [row.id])[row.id])
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def create_job(
+        self, tenant: str, spec: dict[str, Any], spec_digest: str, idempotency_key: str | None
+    ) -> tuple[Job, bool]:
+        """A new queued job, or the one this tenant already made with the same key and body."""
+        try:
+            with self._tx(write=True) as session:
+                if idempotency_key is not None:
+                    existing = self._idempotent_match(session, tenant, idempotency_key, spec_digest)
+                    if existing is not None:
+                        return existing, False
+                row = JobRow(
+                    id=new_job_id(),
+                    tenant=tenant,
+                    status="queued",
+                    stage=None,
+                    progress=Progress().model_dump(),
+                    spec=spec,
+                    spec_digest=spec_digest,
+                    idempotency_key=idempotency_key,
+                    worker=None,
+                    attempts=0,
+                    cancel_requested=False,
+                    result=None,
+                    error=None,
+                    created_at=now_utc(),
+                )
+                session.add(row)
+                session.flush()
+                job = _job_from_row(row)
+        except IntegrityError:
+            # PostgreSQL: a concurrent request with the same key committed between our
+            # read and our insert; the unique constraint stopped us, so return theirs.
+            if idempotency_key is None:
+                raise
+            with self._tx() as session:
+                existing = self._idempotent_match(session, tenant, idempotency_key, spec_digest)
+            if existing is None:
+                raise
+            return existing, False
+        return job, True
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> Job | None:
+        """The job; with a tenant, another tenant's job is None (as if it did not exist)."""
+        with self._tx() as session:
+            return self._get(session, job_id, tenant)
+
+    def list_jobs(
+        self, tenant: str, status: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[Job], str | None]:
+        """A page of the tenant's jobs, newest first, and the cursor of the next page."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if status is not None and status not in JOB_STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        query = select(JobRow).where(JobRow.tenant == tenant)
+        if status is not None:
+            query = query.where(JobRow.status == status)
+        if cursor is not None:
+            query = query.where(JobRow.id < decode_cursor(cursor))
+        # One extra row tells us whether there is a next page.
+        query = query.order_by(JobRow.id.desc()).limit(limit + 1)
+        with self._tx() as session:
+            rows = list(session.execute(query).scalars())
+            page = rows[:limit]
+            events = self._events(session, [row.id for row in page])
+            jobs = [_job_from_row(row, events[row.id]) for row in page]
+        next_cursor = encode_cursor(page[-1].id) if len(rows) > limit else None
+        return jobs, next_cursor
+
+    def request_cancel(self, job_id: str, tenant: str) -> Job | None:
+        """Cancel: a queued job is cancelled at once, a running one is flagged for the worker.
+
+        Both are conditional UPDATEs, so a concurrent claim either sees 'cancelled' (and does
+        not start) or wins, in which case the job is running and gets the flag.
+        """
+        with self._tx(write=True) as session:
+            now = now_utc()
+            cancelled = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.tenant == tenant, JobRow.status == "queued")
+                .values(status="cancelled", cancel_requested=True, finished_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if cancelled.rowcount == 0:  # type: ignore[attr-defined]
+                session.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id, JobRow.tenant == tenant, JobRow.status == "running")
+                    .values(cancel_requested=True)
+                    .execution_options(synchronize_session=False)
+                )
+            return self._get(session, job_id, tenant)
+
+    def claim(self, job_id: str, worker: str) -> Job | None:
+        """queued -> running for exactly one caller; None if the job is not queued."""
+        with self._tx(write=True) as session:
+            claimed = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "queued")
+                .values(
+                    status="running",
+                    started_at=now_utc(),
+                    worker=worker,
+                    attempts=JobRow.attempts + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            return self._get(session, job_id)
+
+    def set_progress(
+        self, job_id: str, stage: str | None, done: int, total: int, unit: str
+    ) -> None:
+        """Progress {done,total,unit}; stage None leaves the current stage as it is."""
+        values: dict[str, Any] = {
+            "progress": Progress(done=done, total=total, unit=unit).model_dump()
+        }
+        if stage is not None:
+            values["stage"] = stage
+        with self._tx(write=True) as session:
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+
+    def add_event(
+        self, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        with self._tx(write=True) as session:
+            session.add(
+                JobEventRow(job_id=job_id, at=now_utc(), kind=kind, message=message, data=data)
+            )
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        with self._tx() as session:
+            flag = session.execute(
+                select(JobRow.cancel_requested).where(JobRow.id == job_id)
+            ).scalar_one_or_none()
+        return bool(flag)
+
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """Terminal state. A job that is already terminal keeps its first outcome."""
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"finish() needs one of {sorted(TERMINAL_STATUSES)}, not {status!r}")
+        # Validate on the way in, so a bad payload fails the writer, not every later read.
+        result_doc = None
+        if result is not None:
+            result_doc = JobResult.model_validate(result).model_dump(mode="json")
+        error_doc = None
+        if error is not None:
+            error_doc = JobError.model_validate(error).model_dump(mode="json")
+        with self._tx(write=True) as session:
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status.in_(("queued", "running")))
+                .values(status=status, result=result_doc, error=error_doc, finished_at=now_utc())
+                .execution_options(synchronize_session=False)
+            )
