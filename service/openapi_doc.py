@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 from crucible.settings import Settings
 
@@ -10,6 +12,7 @@ from crucible.settings import Settings
 def render_openapi() -> str:
     from service.app import create_app
 
-    # In-memory settings: rendering must not touch a data folder or a broker.
-    app = create_app(Settings(database_url="sqlite://", broker_url="memory://"))
-    return json.dumps(app.openapi(), indent=2, sort_keys=True) + "\n"
+    # Throwaway settings: rendering must not touch the real data folder or a broker.
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(database_url=f"sqlite:///{Path(tmp) / 'x.db'}", broker_url="memory://")
+        return json.dumps(create_app(settings).openapi(), indent=2, sort_keys=True) + "\n"

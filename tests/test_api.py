@@ -30,6 +30,7 @@ def app_client(tmp_path: Path) -> Iterator[TestClient]:
     )
     app = create_app(settings)
     with TestClient(app) as client:
+        _queued_task_ids(client)  # kombu's memory broker is per process: start empty
         yield client
 
 

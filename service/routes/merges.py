@@ -80,7 +80,7 @@ def submit_merge(
             409,
             "idempotency_conflict",
             "this Idempotency-Key was already used with a different request body",
-            {"job_id": str(exc)},
+            {"job_id": exc.job_id},
         ) from None
     response.headers["Location"] = f"/v1/merges/{job.id}"
     if not created:
