@@ -1,0 +1,127 @@
+"""README.md for a merged model: Hub front matter, then what was merged and how.
+
+Torch-free. Every user-supplied string (names, URIs, params) is escaped for Markdown tables,
+and the spec block's fence is longer than any backtick run inside it, so a crafted name
+cannot break the card's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import yaml
+
+from crucible.sources.uri import parse_uri
+
+_SECRET_KEY = re.compile(r"secret|token|password|authorization|api[_-]?key", re.IGNORECASE)
+
+
+def _redact(value: Any) -> Any:
+    # The spec should arrive without secrets already; this is a second lock on the door.
+    if isinstance(value, dict):
+        return {
+            k: ("***" if _SECRET_KEY.search(str(k)) and v is not None else _redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    text = text.replace("\\", "\\\\").replace("|", "\\|")
+    return " ".join(text.split())  # newlines would end the table row
+
+
+def _code(value: Any) -> str:
+    text = _cell(value)
+    if text == "-":
+        return text
+    return f"`{text}`" if "`" not in text else text
+
+
+def _hub_repo(uri: str) -> str | None:
+    try:
+        parsed = parse_uri(uri)
+    except ValueError:
+        return None
+    return parsed.target if parsed.scheme == "hf" else None
+
+
+def _fenced(body: str, lang: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{body.rstrip()}\n{fence}"
+
+
+def render_model_card(
+    *,
+    spec: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    method: str,
+    params: dict[str, Any],
+    files: list[dict[str, Any]],
+) -> str:
+    """Render README.md.
+
+    inputs: [{"role": "base"|"expert", "name", "uri", "revision", "commit", "weight"}]
+    files: [{"path", "sha256", "bytes"}] (the manifest, README excluded).
+    """
+    base_models: list[str] = []
+    for item in sorted(inputs, key=lambda i: i.get("role") != "base"):  # base first
+        repo = _hub_repo(str(item.get("uri", "")))
+        if repo and repo not in base_models:
+            base_models.append(repo)
+    front: dict[str, Any] = {}
+    if base_models:
+        front["base_model"] = base_models[0] if len(base_models) == 1 else base_models
+    front["tags"] = ["merge", "crucible"]
+    front["library_name"] = "transformers"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
+
+    n_experts = sum(1 for i in inputs if i.get("role") == "expert")
+    lines += [
+        "# Merged model",
+        "",
+        f"Produced by Crucible: {n_experts} expert{'s' if n_experts != 1 else ''} merged into "
+        f"the base with the `{_cell(method)}` method.",
+        "",
+        "## Method",
+        "",
+        f"Method: `{_cell(method)}`",
+        "",
+    ]
+    if params:
+        lines += ["| parameter | value |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {_code(v)} |" for k, v in sorted(params.items())]
+    else:
+        lines.append("No parameters (method defaults).")
+    lines += [
+        "",
+        "## Inputs",
+        "",
+        "| role | name | URI | requested revision | resolved commit | weight |",
+        "|---|---|---|---|---|---|",
+    ]
+    for item in inputs:
+        weight = item.get("weight") if item.get("role") == "expert" else None
+        lines.append(
+            f"| {_cell(item.get('role'))} | {_cell(item.get('name'))} | {_code(item.get('uri'))}"
+            f" | {_code(item.get('revision'))} | {_code(item.get('commit'))} | {_cell(weight)} |"
+        )
+    spec_yaml = yaml.safe_dump(_redact(spec), sort_keys=False, allow_unicode=True)
+    lines += ["", "## Merge spec", "", _fenced(spec_yaml, "yaml"), "", "## Files", ""]
+    if files:
+        lines += ["| path | bytes | sha256 |", "|---|---:|---|"]
+        lines += [
+            f"| {_cell(f.get('path'))} | {_cell(f.get('bytes'))} | {_code(f.get('sha256'))} |"
+            for f in files
+        ]
+    else:
+        lines.append("No files.")
+    return "\n".join(lines) + "\n"

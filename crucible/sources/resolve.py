@@ -1,0 +1,449 @@
+"""Resolve a ModelRef to pinned, local, header-checked safetensors files.
+
+- `hf://org/name`: the revision is pinned to a commit sha with `model_info`, then exactly that
+  commit's safetensors weights and support files (config, tokenizer) are fetched into the
+  Hugging Face cache (HF_HOME / HF_HUB_CACHE). Pickled checkpoints (.bin, .pt) are never
+  downloaded or read.
+- `file:///abs/path`: only inside `Settings.allowed_local_dirs`, symlinks resolved first so a
+  link cannot lead out of an allowed folder.
+
+No weights are read here: only headers, so a bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from crucible.errors import CrucibleError
+from crucible.settings import Settings
+from crucible.sources.safetensors_header import TensorInfo, read_safetensors_header
+from crucible.sources.uri import parse_uri
+
+if TYPE_CHECKING:
+    from crucible.spec import ModelRef
+
+INDEX_FILE = "model.safetensors.index.json"
+
+# Files fetched from the Hub besides the weights: what a merged model needs next to them.
+# Top level only: subfolders (onnx/, original/, ...) are other formats or duplicates.
+HUB_SUPPORT_PATTERNS = (
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "*.tiktoken",
+    "vocab.*",
+    "tokenizer*",
+)
+# Never downloaded, never read: pickles can execute code, the rest are other formats.
+EXCLUDED_SUFFIXES = (
+    ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".onnx", ".gguf",
+    ".npz", ".npy", ".ot", ".joblib",
+)  # fmt: skip
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_HEX_REVISION = re.compile(r"^[0-9a-f]{7,40}$")
+# Transport failures (connection refused/reset, timeouts) are retried this often before
+# the source is reported unavailable; a reset connection after a server error is common.
+_TRANSPORT_RETRIES = 3
+
+T = TypeVar("T")
+
+
+@dataclass
+class ResolvedModel:
+    uri: str
+    revision: str  # as requested
+    commit: str | None  # pinned Hub commit sha; None for local folders
+    root: Path  # folder holding weights and support files
+    weight_files: list[Path]
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
+    """Pin, fetch (Hub) or locate (file://) a model and read its safetensors headers."""
+    try:
+        parsed = parse_uri(ref.uri)
+    except ValueError as exc:
+        raise CrucibleError("unsupported_uri", str(exc), {"uri": ref.uri}) from exc
+    if parsed.scheme == "hf":
+        root, commit = _fetch_hub(parsed.target, ref.revision)
+        allowed: list[Path] | None = None
+    elif parsed.scheme == "file":
+        allowed = _allowed_dirs(settings)
+        root = _check_local(parsed.path, allowed, ref.uri)
+        commit = None
+    else:
+        raise CrucibleError(
+            "unsupported_uri",
+            f"{parsed.scheme}:// is not a model source; use hf://org/name or file:///path",
+            {"uri": ref.uri},
+        )
+    if allowed is not None:
+        _check_files_inside(root, allowed, ref.uri)
+    weight_files, expected = _weight_files(root, ref.uri)
+    tensors = _read_headers(weight_files, expected, root)
+    return ResolvedModel(
+        uri=ref.uri,
+        revision=ref.revision,
+        commit=commit,
+        root=root,
+        weight_files=weight_files,
+        tensors=tensors,
+    )
+
+
+# ----------------------------------------------------------------------------- local
+
+
+def _allowed_dirs(settings: Settings) -> list[Path]:
+    return [Path(d).expanduser().resolve() for d in settings.allowed_local_dirs]
+
+
+def _inside(path: Path, allowed: list[Path]) -> bool:
+    return any(path == a or path.is_relative_to(a) for a in allowed)
+
+
+def _check_local(path: Path, allowed: list[Path], uri: str) -> Path:
+    if not allowed:
+        raise CrucibleError(
+            "local_path_forbidden",
+            "file:// sources are disabled on this server (CRUCIBLE_ALLOWED_LOCAL_DIRS is empty)",
+            {"uri": uri},
+        )
+    # resolve() follows every symlink that exists, so a link pointing out of an allowed
+    # folder is judged by its target. The check comes before the existence test so that
+    # the answer does not reveal which paths exist outside the allowed folders.
+    real = path.resolve()
+    if not _inside(real, allowed):
+        raise CrucibleError(
+            "local_path_forbidden",
+            f"{path} is outside the folders this server allows for file:// sources",
+            {"uri": uri},
+        )
+    if not real.exists():
+        raise CrucibleError(
+            "source_not_found", f"local model folder {path} does not exist", {"uri": uri}
+        )
+    if not real.is_dir():
+        raise CrucibleError(
+            "source_not_found",
+            f"{path} is not a folder: point at the model's folder",
+            {"uri": uri},
+        )
+    return real
+
+
+def _check_files_inside(root: Path, allowed: list[Path], uri: str) -> None:
+    # A file inside the folder may itself be a symlink to anywhere; every top-level file is
+    # a candidate for reading (weights, config, tokenizer), so each must stay inside.
+    for entry in sorted(root.iterdir()):
+        target = entry.resolve()
+        if not _inside(target, allowed):
+            raise CrucibleError(
+                "local_path_forbidden",
+                f"{entry.name} in {root} links to {target}, outside the allowed folders",
+                {"uri": uri, "file": entry.name},
+            )
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _weight_files(root: Path, uri: str) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files and, for sharded models, the index's tensor -> file map."""
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        return _read_index(index_path, root)
+    files = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+    if not files:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        found = f"; found {', '.join(pickles)}" if pickles else ""
+        raise CrucibleError(
+            "no_weights",
+            f"{uri} has no *.safetensors weights{found}. Pickled checkpoints (.bin, .pt) "
+            "are not read: convert the model to safetensors.",
+            {"uri": uri, "pickles": pickles},
+        )
+    return files, None
+
+
+def _read_index(index_path: Path, root: Path) -> tuple[list[Path], dict[str, str]]:
+    def bad(what: str) -> CrucibleError:
+        return CrucibleError(
+            "corrupt_safetensors", f"{INDEX_FILE}: {what}", {"file": str(index_path)}
+        )
+
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"not valid JSON ({exc})") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise bad("no weight_map object")
+    files: list[Path] = []
+    seen: set[str] = set()
+    for tensor, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname.endswith(".safetensors"):
+            raise bad(f"tensor {tensor!r} maps to {fname!r}, not a .safetensors file")
+        rel = PurePosixPath(fname)
+        # Shard names are plain file names next to the index; anything else could point
+        # outside the model folder.
+        if rel.is_absolute() or len(rel.parts) != 1 or fname in (".", ".."):
+            raise bad(f"shard name {fname!r} must be a plain file name")
+        if fname not in seen:
+            seen.add(fname)
+            path = root / fname
+            if not path.is_file():
+                raise bad(f"lists shard {fname!r}, which is missing")
+            files.append(path)
+    return files, weight_map
+
+
+def _read_headers(
+    files: list[Path], expected: dict[str, str] | None, root: Path
+) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for name, info in read_safetensors_header(path).items():
+            if name in tensors:
+                raise CrucibleError(
+                    "corrupt_safetensors",
+                    f"tensor {name!r} appears in both {tensors[name].file.name} and {path.name}",
+                    {"tensor": name, "files": [tensors[name].file.name, path.name]},
+                )
+            tensors[name] = info
+    if expected is not None:
+        for name, fname in expected.items():
+            info = tensors.get(name)
+            if info is None or info.file.name != fname:
+                raise CrucibleError(
+                    "corrupt_safetensors",
+                    f"{INDEX_FILE} maps tensor {name!r} to {fname}, which does not hold it",
+                    {"tensor": name, "file": fname},
+                )
+        extra = sorted(set(tensors) - set(expected))
+        if extra:
+            raise CrucibleError(
+                "corrupt_safetensors",
+                f"{INDEX_FILE} does not list tensor {extra[0]!r} found in "
+                f"{tensors[extra[0]].file.name}",
+                {"unlisted": extra[:20]},
+            )
+    return tensors
+
+
+# ----------------------------------------------------------------------------- hub
+
+
+def _hub_cache_dir() -> str | None:
+    # huggingface_hub reads HF_HOME/HF_HUB_CACHE once at import; read them per call so a
+    # long-lived worker (and tests) follow the current environment.
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]).expanduser() / "hub")
+    return None
+
+
+def _fetch_hub(repo: str, revision: str) -> tuple[Path, str]:
+    from huggingface_hub import HfApi, snapshot_download
+
+    # Same reason as the cache: pass endpoint and token explicitly, read at call time.
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    token = os.environ.get("HF_TOKEN") or None  # never logged, never put in messages
+    api = HfApi(endpoint=endpoint, token=token)
+
+    info = _hub_call(lambda: api.model_info(repo, revision=revision), api, repo, revision)
+    commit = info.sha
+    if not commit:
+        raise CrucibleError(
+            "source_unavailable",
+            f"the Hub did not return a commit for '{repo}' at revision '{revision}'",
+            {"repo": repo, "revision": revision},
+        )
+    top_level = [s.rfilename for s in (info.siblings or []) if "/" not in s.rfilename]
+    weights = [f for f in top_level if f.endswith(".safetensors")]
+    if not weights:
+        pickles = sorted(f for f in top_level if f.endswith(_PICKLE_SUFFIXES))
+        found = f"; it holds {', '.join(pickles)}" if pickles else ""
+        raise CrucibleError(
+            "no_weights",
+            f"Hub repository '{repo}' at revision '{revision}' has no *.safetensors "
+            f"weights{found}. Pickled checkpoints (.bin, .pt) are not read: use a "
+            "safetensors revision or convert the model.",
+            {"repo": repo, "revision": revision, "commit": commit, "pickles": pickles},
+        )
+    wanted = weights + [
+        f
+        for f in top_level
+        if not f.endswith(EXCLUDED_SUFFIXES)
+        and any(fnmatch.fnmatch(f, p) for p in HUB_SUPPORT_PATTERNS)
+    ]
+    # Download by the pinned sha, not the branch: a push between the two calls cannot mix
+    # files of two commits.
+    folder = _hub_call(
+        lambda: snapshot_download(
+            repo,
+            revision=commit,
+            allow_patterns=sorted(set(wanted)),
+            cache_dir=_hub_cache_dir(),
+            endpoint=endpoint,
+            token=token,
+        ),
+        api,
+        repo,
+        commit,
+    )
+    return Path(folder), commit
+
+
+def _reset_connections() -> None:
+    """Drop pooled connections: a server that reset one will not take it back."""
+    from huggingface_hub import utils
+
+    # close_session in huggingface_hub >= 1.0, reset_sessions before.
+    reset = getattr(utils, "close_session", None) or getattr(utils, "reset_sessions", None)
+    if reset is not None:
+        reset()
+
+
+def _is_transport(exc: BaseException, http_error: type[BaseException]) -> bool:
+    """Connection refused/reset, timeouts: httpx errors (huggingface_hub >= 1.0) derive from
+    its HTTPError; older releases raise requests/urllib3 errors, which are OSErrors."""
+    if isinstance(exc, http_error | ConnectionError | TimeoutError):
+        return True
+    return type(exc).__module__.split(".")[0] in ("requests", "urllib3", "httpx", "httpx2")
+
+
+def _hub_call(fn: Callable[[], T], api: Any, repo: str, revision: str) -> T:
+    from huggingface_hub import errors as hf_errors
+
+    last: Exception | None = None
+    for attempt in range(_TRANSPORT_RETRIES):
+        try:
+            return fn()
+        except hf_errors.OfflineModeIsEnabled as exc:
+            raise CrucibleError(
+                "source_unavailable",
+                f"cannot reach the Hub for '{repo}': offline mode is enabled (HF_HUB_OFFLINE)",
+                {"repo": repo, "revision": revision},
+            ) from exc
+        except hf_errors.HfHubHTTPError as exc:
+            raise _map_http_error(exc, api, repo, revision) from exc
+        except hf_errors.LocalEntryNotFoundError as exc:
+            # snapshot_download's way of saying "could not reach the Hub and no cached copy"
+            last = exc
+        except (hf_errors.HTTPError, OSError) as exc:
+            if not _is_transport(exc, hf_errors.HTTPError):
+                raise  # e.g. a full disk: not the Hub's fault, not worth a retry
+            last = exc
+        _reset_connections()
+        time.sleep(0.3 * 2**attempt)
+    raise CrucibleError(
+        "source_unavailable",
+        f"could not reach the Hub for '{repo}' at revision '{revision}' ({type(last).__name__})",
+        {"repo": repo, "revision": revision},
+    ) from last
+
+
+def _repo_refs(api: Any, repo: str) -> Any | None:
+    """The repo's branches and tags, or None when the repo cannot be seen."""
+    _reset_connections()
+    for attempt in range(2):
+        try:
+            return api.list_repo_refs(repo)
+        except Exception:  # any failure means: cannot show that the repo exists
+            if attempt == 0:
+                _reset_connections()
+                time.sleep(0.2)
+    return None
+
+
+def _ref_names(refs: Any) -> list[str]:
+    return [r.name for r in [*refs.branches, *refs.tags]]
+
+
+def _revision_missing(repo: str, revision: str, refs: Any, why: str) -> CrucibleError:
+    names = _ref_names(refs)[:10]
+    return CrucibleError(
+        "source_not_found",
+        f"revision '{revision}' not found in Hub repository '{repo}'{why}",
+        {"repo": repo, "revision": revision, "known_refs": names},
+    )
+
+
+def _map_http_error(exc: Exception, api: Any, repo: str, revision: str) -> CrucibleError:
+    from huggingface_hub import errors as hf_errors
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    detail = {"repo": repo, "revision": revision, "status": status}
+    if isinstance(exc, hf_errors.RevisionNotFoundError):
+        return CrucibleError(
+            "source_not_found",
+            f"revision '{revision}' not found in Hub repository '{repo}'",
+            detail,
+        )
+    if isinstance(exc, hf_errors.GatedRepoError):
+        # Checked before its base class: a gated repo's refs are public, so the probe below
+        # would wrongly blame the revision.
+        return CrucibleError(
+            "source_not_found",
+            f"Hub repository '{repo}' not found or not accessible (gated: accept its terms "
+            "and give the worker a token)",
+            detail,
+        )
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        # olah answers 401 RepoNotFound for a missing branch of an existing repo too: tell
+        # the two apart by asking for the repo's refs.
+        refs = _repo_refs(api, repo)
+        if refs is not None and revision not in _ref_names(refs):
+            return _revision_missing(repo, revision, refs, "")
+        return CrucibleError(
+            "source_not_found",
+            f"Hub repository '{repo}' not found or not accessible",
+            detail,
+        )
+    if isinstance(exc, hf_errors.EntryNotFoundError):  # a 404 for a file
+        return CrucibleError(
+            "source_not_found",
+            f"a file of Hub repository '{repo}' at revision '{revision}' was not found",
+            detail,
+        )
+    if status is not None and status >= 500 and _HEX_REVISION.match(revision):
+        # olah answers 500 for a commit sha it does not have. If the repo itself answers,
+        # the sha is what is missing; otherwise it is a real outage.
+        refs = _repo_refs(api, repo)
+        if refs is not None:
+            return _revision_missing(
+                repo, revision, refs, f" (the Hub answered HTTP {status} for that commit)"
+            )
+    if status is not None and (status >= 500 or status == 429):
+        return CrucibleError(
+            "source_unavailable",
+            f"the Hub answered HTTP {status} for '{repo}' at revision '{revision}'; "
+            "try again later",
+            detail,
+        )
+    if status in (401, 403):
+        return CrucibleError(
+            "source_not_found",
+            f"Hub repository '{repo}' not found or not accessible",
+            detail,
+        )
+    return CrucibleError(
+        "source_not_found",
+        f"the Hub refused '{repo}' at revision '{revision}' (HTTP {status})",
+        detail,
+    )
