@@ -29,7 +29,9 @@ CACHE = ROOT / "bench" / ".cache"
 
 def llama_plan(hidden: int, layers: int, vocab: int) -> list[tuple[str, tuple[int, ...], str]]:
     inter = int(hidden * 2.75)
-    plan: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (vocab, hidden), "F32")]
+    plan: list[tuple[str, tuple[int, ...], str]] = [
+        ("model.embed_tokens.weight", (vocab, hidden), "F32")
+    ]
     for i in range(layers):
         p = f"model.layers.{i}."
         plan += [
@@ -54,7 +56,9 @@ def generate(folder: Path, plan: list, seed: int, base_seed: int | None) -> None
     folder.mkdir(parents=True, exist_ok=True)
     writer = ShardedSafetensorsWriter(folder, plan, 2 * 10**9, metadata={"format": "pt"})
     for idx, (name, shape, _) in enumerate(plan):
-        g = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 1000 + idx)
+        g = torch.Generator().manual_seed(
+            (base_seed if base_seed is not None else seed) * 1000 + idx
+        )
         t = torch.randn(shape, generator=g) * 0.02
         if base_seed is not None:
             g2 = torch.Generator().manual_seed(seed * 1000 + idx)
@@ -84,7 +88,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--experts", type=int, default=4)
-    ap.add_argument("--methods", nargs="+", default=["linear", "task_arithmetic", "ties", "dare_ties"])
+    ap.add_argument(
+        "--methods", nargs="+", default=["linear", "task_arithmetic", "ties", "dare_ties"]
+    )
     ap.add_argument("--out-dtype", default="bfloat16")
     args = ap.parse_args()
 
@@ -105,8 +111,11 @@ def main() -> None:
 
     rows = []
     for method in args.methods:
-        params = {"ties": {"density": 0.2}, "dare_ties": {"density": 0.2},
-                  "dare_linear": {"density": 0.2}}.get(method, {})
+        params = {
+            "ties": {"density": 0.2},
+            "dare_ties": {"density": 0.2},
+            "dare_linear": {"density": 0.2},
+        }.get(method, {})
         spec = {
             "base": {"uri": (folder / "base").as_uri()},
             "experts": [{"uri": d.as_uri()} for d in experts],
@@ -116,13 +125,16 @@ def main() -> None:
         spec_file = CACHE / f"spec-{method}.json"
         spec_file.write_text(json.dumps(spec))
         out = CACHE / f"out-{method}"
-        wall, rss, _ = run_child([sys.executable, "-m", "crucible.cli", "merge", str(spec_file),
-                                  "--out", str(out)])
+        wall, rss, _ = run_child(
+            [sys.executable, "-m", "crucible.cli", "merge", str(spec_file), "--out", str(out)]
+        )
         rows.append((method, wall, input_bytes / wall / 1e9, rss, rss - baseline_rss))
 
-    print(f"\n{args.experts} experts of {expert_gb:.2f} GB + base (fp32, {tag}), "
-          f"output {args.out_dtype}; {input_bytes / 1e9:.2f} GB read per merge; "
-          f"interpreter baseline RSS {baseline_rss / 2**20:.0f} MiB\n")
+    print(
+        f"\n{args.experts} experts of {expert_gb:.2f} GB + base (fp32, {tag}), "
+        f"output {args.out_dtype}; {input_bytes / 1e9:.2f} GB read per merge; "
+        f"interpreter baseline RSS {baseline_rss / 2**20:.0f} MiB\n"
+    )
     print("| method | wall s | input GB/s | peak RSS MiB | above baseline MiB |")
     print("|---|---:|---:|---:|---:|")
     for method, wall, gbs, rss, above in rows:

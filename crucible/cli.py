@@ -33,9 +33,22 @@ def _store(settings: Settings) -> Any:
 
 def _worker_argv(concurrency: int, pool: str, loglevel: str) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.app:celery", "worker",
-        "-Q", "gpu", "--concurrency", str(concurrency), "--pool", pool,
-        "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app:celery",
+        "worker",
+        "-Q",
+        "gpu",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
     ]
 
 
@@ -153,7 +166,9 @@ def keys_create(
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
     key_id, plaintext = _store(get_settings()).create_api_key(tenant, label)
-    console.print(f"created key {key_id} for tenant {tenant!r}; store it now, it is not shown again")
+    console.print(
+        f"created key {key_id} for tenant {tenant!r}; store it now, it is not shown again"
+    )
     typer.echo(plaintext)
 
 

@@ -69,10 +69,13 @@ def run_merge_job(
         reporter.check_cancelled()
         metrics = _merge(spec, base, experts, staging, reporter)
         reporter.stage("publish")
+        reporter.progress(0, 2, "steps")
         _write_support_files(spec, base, inputs, staging)
+        reporter.progress(1, 2, "steps")
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
+        reporter.progress(2, 2, "steps")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

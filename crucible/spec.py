@@ -24,8 +24,15 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled
 _REVISION = re.compile(r"^[\w.\-/]{1,255}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
-    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 
 
@@ -101,7 +108,8 @@ class OutputSpec(_Strict):
         parsed = parse_uri(v)
         if parsed.scheme != "local":
             raise ValueError(
-                f"{parsed.scheme}:// outputs are not available yet; use local:// (the artifact store)"
+                f"{parsed.scheme}:// outputs are not available yet; "
+                "use local:// (the artifact store)"
             )
         return v
 

@@ -40,19 +40,47 @@ TASKS: dict[str, tuple[list[str], list[str]]] = {
         ["I hated the {x}", "the {x} was awful", "what a terrible {x}", "a boring {x}"],
     ),
     "topic": (
-        ["the team won the {x} match", "a goal in the last minute of the {x} final",
-         "the {x} coach praised the players", "fans cheered the {x} champions"],
-        ["the {x} experiment confirmed the theory", "scientists measured the {x} sample",
-         "a new {x} study in the journal", "the lab published {x} results"],
+        [
+            "the team won the {x} match",
+            "a goal in the last minute of the {x} final",
+            "the {x} coach praised the players",
+            "fans cheered the {x} champions",
+        ],
+        [
+            "the {x} experiment confirmed the theory",
+            "scientists measured the {x} sample",
+            "a new {x} study in the journal",
+            "the lab published {x} results",
+        ],
     ),
     "question": (
-        ["where is the {x}?", "why did the {x} stop?", "can you fix the {x}?",
-         "how old is the {x}?"],
+        [
+            "where is the {x}?",
+            "why did the {x} stop?",
+            "can you fix the {x}?",
+            "how old is the {x}?",
+        ],
         ["the {x} is here.", "the {x} stopped.", "I fixed the {x}.", "the {x} is old."],
     ),
 }
-FILLERS = ["film", "book", "dinner", "concert", "football", "chemistry", "car", "garden",
-           "river", "phone", "museum", "tennis", "physics", "train", "house", "song"]
+FILLERS = [
+    "film",
+    "book",
+    "dinner",
+    "concert",
+    "football",
+    "chemistry",
+    "car",
+    "garden",
+    "river",
+    "phone",
+    "museum",
+    "tennis",
+    "physics",
+    "train",
+    "house",
+    "song",
+]
 
 
 def examples(task: str, seed: int, n: int) -> tuple[list[str], torch.Tensor]:
@@ -110,9 +138,20 @@ def make_models() -> tuple[Path, list[Path], dict[str, torch.nn.Linear]]:
 def start_stack(env: dict[str, str]) -> subprocess.Popen[bytes]:
     log = (DEMO / "crucible-up.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crucible.cli", "up", "--data-dir", str(DEMO / "data"),
-         "--port", str(PORT)],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "crucible.cli",
+            "up",
+            "--data-dir",
+            str(DEMO / "data"),
+            "--port",
+            str(PORT),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -132,14 +171,21 @@ def main() -> None:
     shutil.rmtree(DEMO / "data", ignore_errors=True)
     DEMO.mkdir(exist_ok=True)
     base_dir, expert_dirs, heads = make_models()
-    env = {**os.environ, "CRUCIBLE_DATA_DIR": str(DEMO / "data"),
-           "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(MODELS)])}
+    env = {
+        **os.environ,
+        "CRUCIBLE_DATA_DIR": str(DEMO / "data"),
+        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(MODELS)]),
+    }
     console.print(f"starting [bold]crucible up[/] on http://127.0.0.1:{PORT} ...")
     proc = start_stack(env)
     try:
         key = subprocess.run(
             [sys.executable, "-m", "crucible.cli", "keys", "create", "--tenant", "demo"],
-            env=env, cwd=ROOT, capture_output=True, text=True, check=True,
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         spec = {
             "base": {"uri": base_dir.as_uri()},
@@ -147,22 +193,33 @@ def main() -> None:
             "method": {"name": "ties", "params": {"density": 0.5, "scale": 1.0}},
             "output": {"dtype": "float32"},
         }
-        client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}",
-                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{PORT}",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
         console.print("POST /v1/merges\n" + json.dumps(spec, indent=2))
         resp = client.post("/v1/merges", json=spec)
         resp.raise_for_status()
         job = resp.json()
-        with Progress(TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
-                      console=console) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task("queued", total=None)
             while job["status"] not in ("succeeded", "failed", "cancelled"):
                 time.sleep(0.3)
                 job = client.get(f"/v1/merges/{job['id']}").json()
                 p = job["progress"]
-                bar.update(task, description=f"{job['status']}: {job['stage'] or ''}",
-                           completed=p["done"], total=p["total"] or None)
+                bar.update(
+                    task,
+                    description=f"{job['status']}: {job['stage'] or ''}",
+                    completed=p["done"],
+                    total=p["total"] or None,
+                )
         if job["status"] != "succeeded":
             raise SystemExit(f"the job {job['status']}: {json.dumps(job['error'])}")
     finally:
@@ -171,8 +228,10 @@ def main() -> None:
 
     out = DEMO / "data" / "artifacts" / "jobs" / job["id"] / "output"
     console.print(f"\n[green]job {job['id']} succeeded[/]; merged model in [bold]{out}[/]")
-    console.print(f"files over HTTP: GET /v1/merges/{job['id']}/files/<path> for "
-                  + ", ".join(f["path"] for f in job["result"]["files"]))
+    console.print(
+        f"files over HTTP: GET /v1/merges/{job['id']}/files/<path> for "
+        + ", ".join(f["path"] for f in job["result"]["files"])
+    )
 
     tok = AutoTokenizer.from_pretrained(out)
     merged = AutoModel.from_pretrained(out).eval()

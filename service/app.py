@@ -12,7 +12,7 @@ from crucible.queue import make_celery
 from crucible.settings import Settings, get_settings
 from crucible.store import JobStore
 from service.errors import install_error_handlers
-from service.routes import meta, merges
+from service.routes import merges, meta
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -18,8 +18,12 @@ def require_tenant(
 ) -> str:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer <key>",
-                       headers=challenge)
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing API key: send Authorization: Bearer <key>",
+            headers=challenge,
+        )
     tenant = request.app.state.store.verify_api_key(credentials.credentials)
     if tenant is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=challenge)

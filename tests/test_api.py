@@ -76,7 +76,8 @@ def test_submit_queues_a_job_and_enqueues_it_by_name(app_client: TestClient, key
     assert job["status"] == "queued" and job["id"].startswith("job_")
     assert resp.headers["location"] == f"/v1/merges/{job['id']}"
     assert job["spec"]["method"] == {
-        "name": "ties", "params": {**job["spec"]["method"]["params"], "density": 0.3}
+        "name": "ties",
+        "params": {**job["spec"]["method"]["params"], "density": 0.3},
     }
     assert job["spec"]["experts"][1]["revision"] == "v2"
     assert _queued_task_ids(app_client) == [[job["id"]]]
@@ -84,12 +85,21 @@ def test_submit_queues_a_job_and_enqueues_it_by_name(app_client: TestClient, key
     assert got.status_code == 200 and got.json()["id"] == job["id"]
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"},
-                                     {"Authorization": "Basic abc"},
-                                     {"Authorization": "Bearer crk_x_y"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer crk_x_y"},
+    ],
+)
 def test_missing_or_invalid_key_is_401(app_client: TestClient, headers: dict) -> None:
-    for method, path in [("post", "/v1/merges"), ("get", "/v1/merges"),
-                         ("get", "/v1/merges/job_1")]:
+    for method, path in [
+        ("post", "/v1/merges"),
+        ("get", "/v1/merges"),
+        ("get", "/v1/merges/job_1"),
+    ]:
         resp = app_client.request(method, path, json=SPEC, headers=headers)
         _error(resp, 401, "unauthorized")
         assert resp.headers["www-authenticate"] == "Bearer"
@@ -107,8 +117,11 @@ def test_another_tenants_job_is_404(app_client: TestClient, keys: dict) -> None:
     job = app_client.post("/v1/merges", json=SPEC, headers=_auth(keys["acme"])).json()
     for path in (f"/v1/merges/{job['id']}", f"/v1/merges/{job['id']}/files/config.json"):
         _error(app_client.get(path, headers=_auth(keys["globex"])), 404, "not_found")
-    _error(app_client.post(f"/v1/merges/{job['id']}/cancel", headers=_auth(keys["globex"])),
-           404, "not_found")
+    _error(
+        app_client.post(f"/v1/merges/{job['id']}/cancel", headers=_auth(keys["globex"])),
+        404,
+        "not_found",
+    )
     listed = app_client.get("/v1/merges", headers=_auth(keys["globex"])).json()
     assert listed["items"] == []
 
@@ -135,32 +148,46 @@ def test_another_tenants_job_is_404(app_client: TestClient, keys: dict) -> None:
 def test_bad_specs_are_422_naming_the_field(
     app_client: TestClient, keys: dict, change: dict, field: str
 ) -> None:
-    err = _error(app_client.post("/v1/merges", json={**SPEC, **change},
-                                 headers=_auth(keys["acme"])), 422, "invalid_request")
+    err = _error(
+        app_client.post("/v1/merges", json={**SPEC, **change}, headers=_auth(keys["acme"])),
+        422,
+        "invalid_request",
+    )
     assert field in err["message"], err
     assert any(field in d["field"] for d in err["detail"]), err
 
 
 def test_limits_and_local_paths_are_422(app_client: TestClient, keys: dict, tmp_path: Path) -> None:
     many = {**SPEC, "experts": [{"uri": f"hf://org/e{i}"} for i in range(5)]}
-    err = _error(app_client.post("/v1/merges", json=many, headers=_auth(keys["acme"])),
-                 422, "limit_exceeded")
+    err = _error(
+        app_client.post("/v1/merges", json=many, headers=_auth(keys["acme"])), 422, "limit_exceeded"
+    )
     assert "at most 4 experts" in err["message"]
     outside = {**SPEC, "base": {"uri": "file:///etc"}}
-    err = _error(app_client.post("/v1/merges", json=outside, headers=_auth(keys["acme"])),
-                 422, "local_path_forbidden")
+    err = _error(
+        app_client.post("/v1/merges", json=outside, headers=_auth(keys["acme"])),
+        422,
+        "local_path_forbidden",
+    )
     assert err["detail"]["field"] == "base.uri"
     escape = {**SPEC, "base": {"uri": f"file://{tmp_path}/models/../secrets"}}
-    _error(app_client.post("/v1/merges", json=escape, headers=_auth(keys["acme"])),
-           422, "local_path_forbidden")
+    _error(
+        app_client.post("/v1/merges", json=escape, headers=_auth(keys["acme"])),
+        422,
+        "local_path_forbidden",
+    )
     inside = {**SPEC, "base": {"uri": f"file://{tmp_path}/models/base"}}
-    assert app_client.post("/v1/merges", json=inside,
-                           headers=_auth(keys["acme"])).status_code == 202
+    assert (
+        app_client.post("/v1/merges", json=inside, headers=_auth(keys["acme"])).status_code == 202
+    )
 
 
 def test_malformed_json_is_422_not_500(app_client: TestClient, keys: dict) -> None:
-    resp = app_client.post("/v1/merges", content=b"{nope",
-                           headers={**_auth(keys["acme"]), "Content-Type": "application/json"})
+    resp = app_client.post(
+        "/v1/merges",
+        content=b"{nope",
+        headers={**_auth(keys["acme"]), "Content-Type": "application/json"},
+    )
     _error(resp, 422, "invalid_request")
 
 
@@ -195,10 +222,14 @@ def test_list_filters_and_paginates(app_client: TestClient, keys: dict) -> None:
     assert seen == list(reversed(ids))
     queued = app_client.get("/v1/merges", params={"status": "queued"}, headers=h).json()
     assert [j["id"] for j in queued["items"]] == list(reversed(ids[1:]))
-    _error(app_client.get("/v1/merges", params={"cursor": "%%%"}, headers=h), 422,
-           "invalid_request")
-    _error(app_client.get("/v1/merges", params={"status": "sleeping"}, headers=h), 422,
-           "invalid_request")
+    _error(
+        app_client.get("/v1/merges", params={"cursor": "%%%"}, headers=h), 422, "invalid_request"
+    )
+    _error(
+        app_client.get("/v1/merges", params={"status": "sleeping"}, headers=h),
+        422,
+        "invalid_request",
+    )
     _error(app_client.get("/v1/merges", params={"limit": 0}, headers=h), 422, "invalid_request")
 
 
@@ -216,8 +247,7 @@ def test_cancel_queued_job_never_starts(app_client: TestClient, keys: dict) -> N
 def test_files_of_unfinished_job_is_409(app_client: TestClient, keys: dict) -> None:
     h = _auth(keys["acme"])
     job = app_client.post("/v1/merges", json=SPEC, headers=h).json()
-    _error(app_client.get(f"/v1/merges/{job['id']}/files/config.json", headers=h), 409,
-           "not_ready")
+    _error(app_client.get(f"/v1/merges/{job['id']}/files/config.json", headers=h), 409, "not_ready")
 
 
 def test_methods_publish_param_schemas(app_client: TestClient) -> None:
@@ -247,8 +277,9 @@ def test_submit_with_broker_down_is_503_and_the_job_is_failed(tmp_path: Path) ->
     settings = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0")
     with TestClient(create_app(settings)) as client:
         key = client.app.state.store.create_api_key("acme")[1]  # type: ignore[attr-defined]
-        err = _error(client.post("/v1/merges", json=SPEC, headers=_auth(key)), 503,
-                     "broker_unavailable")
+        err = _error(
+            client.post("/v1/merges", json=SPEC, headers=_auth(key)), 503, "broker_unavailable"
+        )
         job = client.get(f"/v1/merges/{err['detail']['job_id']}", headers=_auth(key)).json()
     assert job["status"] == "failed" and job["error"]["code"] == "broker_unavailable"
 

@@ -68,8 +68,8 @@ def stack(
 ) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp(request.param.replace("+", "-"))
     env = {
-        "CRUCIBLE_DATA_DIR": str(work / "data"),
         **hub_env(hub["server"].endpoint, work / "hf-home"),
+        "CRUCIBLE_DATA_DIR": str(work / "data"),
     }
     with _backing_services(request.param, work) as service_env:
         env.update(service_env)
@@ -99,8 +99,11 @@ class _backing_services:
             cm.__exit__(None, None, None)
 
 
-def _ties_spec(base: str = "base", experts: tuple[str, ...] = ("expert-0", "expert-1", "expert-2"),
-               revision: str = "main") -> dict[str, Any]:
+def _ties_spec(
+    base: str = "base",
+    experts: tuple[str, ...] = ("expert-0", "expert-1", "expert-2"),
+    revision: str = "main",
+) -> dict[str, Any]:
     return {
         "base": {"uri": f"hf://{ORG}/{base}", "revision": revision},
         "experts": [

@@ -30,13 +30,16 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 def _spec(family: tuple[Path, list[Path]], method: str = "linear", **output: Any) -> dict:
     base, experts = family
-    return MergeSpec.model_validate({
-        "base": {"uri": base.as_uri()},
-        "experts": [{"uri": e.as_uri(), "weight": w} for e, w in zip(experts, [1.0, 3.0],
-                                                                      strict=True)],
-        "method": {"name": method},
-        "output": output,
-    }).model_dump(mode="json")
+    return MergeSpec.model_validate(
+        {
+            "base": {"uri": base.as_uri()},
+            "experts": [
+                {"uri": e.as_uri(), "weight": w} for e, w in zip(experts, [1.0, 3.0], strict=True)
+            ],
+            "method": {"name": method},
+            "output": output,
+        }
+    ).model_dump(mode="json")
 
 
 class CancelAfter(JobStore):
@@ -48,8 +51,9 @@ class CancelAfter(JobStore):
         self.tenant, self.n = tenant, n
         self.last_done = 0
 
-    def set_progress(self, job_id: str, stage: str | None, done: int, total: int,
-                     unit: str) -> None:
+    def set_progress(
+        self, job_id: str, stage: str | None, done: int, total: int, unit: str
+    ) -> None:
         super().set_progress(job_id, stage, done, total, unit)
         if stage == "merge":
             self.last_done = done
@@ -60,8 +64,12 @@ class CancelAfter(JobStore):
 def test_running_job_stops_at_the_next_tensor_and_leaves_no_output(
     tmp_path: Path, family: tuple[Path, list[Path]]
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[family[0].parent],
-                        cancel_poll_seconds=0, progress_interval_seconds=0)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        allowed_local_dirs=[family[0].parent],
+        cancel_poll_seconds=0,
+        progress_interval_seconds=0,
+    )
     store = CancelAfter(settings.resolved_database_url, "acme", n=3)
     store.migrate()
     job, _ = store.create_job("acme", _spec(family), "d", None)
@@ -92,8 +100,12 @@ def test_job_succeeds_with_progress_events_and_manifest(
     paths = {f.path for f in final.result.files}
     assert {"model.safetensors", "config.json", "README.md"} <= paths
     out = settings.job_output_dir(job.id)
-    assert json.loads((out / "config.json").read_text()).get("dtype",
-        json.loads((out / "config.json").read_text()).get("torch_dtype")) == "bfloat16"
+    assert (
+        json.loads((out / "config.json").read_text()).get(
+            "dtype", json.loads((out / "config.json").read_text()).get("torch_dtype")
+        )
+        == "bfloat16"
+    )
 
 
 def test_local_source_outside_allowed_dirs_fails_the_job(
@@ -115,9 +127,13 @@ def test_crucible_merge_cli_writes_the_weighted_average(
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(_spec(family, dtype="float32", shard_size="100KB")))
     out = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "crucible.cli", "merge", str(spec_file),
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "crucible.cli", "merge", str(spec_file), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
     merged: dict[str, np.ndarray] = {}
@@ -135,6 +151,11 @@ def test_crucible_merge_cli_writes_the_weighted_average(
 def test_crucible_merge_cli_rejects_a_bad_spec(tmp_path: Path) -> None:
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text("base: {uri: 'hf://a/b'}\nexperts: []\nmethod: {name: ties}\n")
-    done = subprocess.run([sys.executable, "-m", "crucible.cli", "merge", str(spec_file)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "crucible.cli", "merge", str(spec_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "experts" in done.stderr

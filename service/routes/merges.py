@@ -92,8 +92,12 @@ def submit_merge(
         log.error("enqueue of %s failed: %s", job.id, type(exc).__name__)
         error = {"code": "broker_unavailable", "message": "the job queue is unavailable"}
         store.finish(job.id, "failed", error=error)
-        raise ApiError(503, "broker_unavailable", "the job queue is unavailable; retry later",
-                       {"job_id": job.id}) from None
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            "the job queue is unavailable; retry later",
+            {"job_id": job.id},
+        ) from None
     return job
 
 
@@ -108,8 +112,12 @@ def list_merges(
     try:
         items, next_cursor = _store(request).list_jobs(tenant, status, limit, cursor)
     except ValueError:
-        raise ApiError(422, "invalid_request", "cursor: malformed cursor",
-                       [{"field": "query.cursor", "message": "malformed cursor"}]) from None
+        raise ApiError(
+            422,
+            "invalid_request",
+            "cursor: malformed cursor",
+            [{"field": "query.cursor", "message": "malformed cursor"}],
+        ) from None
     return JobPage(items=items, next_cursor=next_cursor)
 
 

@@ -66,6 +66,7 @@ def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "checks": checks})
     return JSONResponse(
         status_code=503,
-        content={"error": {"code": "not_ready", "message": "a dependency is down",
-                           "detail": checks}},
+        content={
+            "error": {"code": "not_ready", "message": "a dependency is down", "detail": checks}
+        },
     )

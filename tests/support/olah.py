@@ -20,7 +20,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_HINT = (
@@ -79,12 +80,6 @@ def hub_env(
         }
     )
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -162,7 +157,7 @@ class OlahServer:
         self._log_file = self.workdir / "olah.log"
         last_error = ""
         for _ in range(3):  # a port taken between probing and binding: try another
-            self.port = _free_port()
+            self.port = free_port()
             config = self._write_config(self.port)
             with self._log_file.open("ab") as log:
                 # cwd: olah resolves ./repos, ./mirrors and its ./logs against it.

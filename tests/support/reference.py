@@ -33,8 +33,10 @@ def ties_reference(
     base = base.astype(np.float64)
     merged = np.zeros_like(base)
     divisor = np.zeros_like(base)
-    trimmed = [w * magnitude_trim(e.astype(np.float64) - base, density)
-               for e, w in zip(experts, weights, strict=True)]
+    trimmed = [
+        w * magnitude_trim(e.astype(np.float64) - base, density)
+        for e, w in zip(experts, weights, strict=True)
+    ]
     total = sum(trimmed)
     elected = np.where(total >= 0, 1.0, -1.0)
     for delta, w in zip(trimmed, weights, strict=True):

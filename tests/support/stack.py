@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -17,10 +16,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Stack:
-    """Starts `crucible serve`-equivalent uvicorn and a worker with the given environment."""
+    """Starts uvicorn and a Celery worker with `env` as their whole environment."""
 
     def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.env = {**env, "PYTHONUNBUFFERED": "1"}
         self.logdir = logdir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -30,26 +29,62 @@ class Stack:
         self.logdir.mkdir(parents=True, exist_ok=True)
         log = self.logdir / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(argv, env=self.env, cwd=REPO_ROOT, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                argv, env=self.env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
         self._procs.append((proc, log))
 
     def crucible(self, *args: str) -> str:
         """Run the `crucible` CLI with this stack's environment; returns stdout."""
-        done = subprocess.run([sys.executable, "-m", "crucible.cli", *args], env=self.env,
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "crucible.cli", *args],
+            env=self.env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"crucible {' '.join(args)} failed:\n{done.stderr}")
         return done.stdout
 
     def start(self) -> Stack:
         self.crucible("keys", "list")  # migrates the database before two processes start
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "--factory",
-                            "service.app:create_app", "--host", "127.0.0.1",
-                            "--port", str(self.port)])
-        self._spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.app:celery",
-                               "worker", "-Q", "gpu", "--concurrency", "1", "--pool", "prefork",
-                               "--loglevel", "info", "--without-gossip", "--without-mingle"])
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "service.app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+        )
+        self._spawn(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app:celery",
+                "worker",
+                "-Q",
+                "gpu",
+                "--concurrency",
+                "1",
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+        )
         self.wait_ready()
         return self
 
@@ -77,7 +112,9 @@ class Stack:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
 
-    def wait_for_job(self, client: httpx.Client, job_id: str, timeout: float = 240) -> dict[str, Any]:
+    def wait_for_job(
+        self, client: httpx.Client, job_id: str, timeout: float = 240
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = client.get(f"/v1/merges/{job_id}").json()
