@@ -35,7 +35,6 @@ class TensorContext:
     base: torch.Tensor
     experts: list[torch.Tensor]
     weights: list[float]
-    seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def task_vectors(self) -> list[torch.Tensor]:

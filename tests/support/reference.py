@@ -9,11 +9,11 @@ import numpy as np
 
 
 def magnitude_trim(tau: np.ndarray, density: float) -> np.ndarray:
-    """Keep the int(density * n) entries of largest magnitude (per tensor), zero the rest."""
+    """Keep the max(1, int(density * n)) entries of largest magnitude (per tensor)."""
     if density >= 1:
         return tau.copy()
     flat = tau.reshape(-1)
-    k = int(density * flat.size)
+    k = max(1, int(density * flat.size))
     out = np.zeros_like(flat)
     if k > 0:
         keep = np.argsort(-np.abs(flat), kind="stable")[:k]
@@ -44,6 +44,6 @@ def ties_reference(
         merged += np.where(agree, delta, 0.0)
         divisor += np.where(agree, w, 0.0)
     if normalize:
-        divisor[np.abs(divisor) < 1e-8] = 1.0
+        divisor[divisor == 0] = 1.0
         merged = merged / divisor
     return base + scale * merged

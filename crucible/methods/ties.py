@@ -1,0 +1,158 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
+
+Per-tensor semantics follow mergekit 0.1.5 `ties` (merge-math.md section 2, "Variants"):
+
+1. Trim: per tensor and per expert, keep the k = max(1, int(density * numel)) entries of
+   largest |tau_t| and zero the rest; density >= 1 keeps everything (mergekit skips pruning).
+   Exactly k entries survive: entries tied with the k-th largest magnitude are kept in flat
+   index order (mergekit's argsort breaks such ties arbitrarily; with real weights they do
+   not occur at the cut).
+2. Weight: delta_t = w_t * trimmed_t (the election sees weighted deltas, as in mergekit).
+3. Elect: gamma = +1 where sum_t delta_t >= 0 ("total", the TIES rule), or where
+   #positive >= #negative among the non-zero delta_t ("count"); -1 elsewhere. A zero total
+   elects +1 (mergekit), not the sign of the global sum (FusionBench).
+4. Disjoint merge: sum the delta_t whose sign equals gamma (zeros never agree); with
+   `normalize`, divide by the sum of the agreeing experts' weights, a zero divisor counting
+   as 1.
+5. W = W0 + scale * merged.
+
+Torch is imported inside functions only: the API imports this module to validate params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext
+from crucible.methods.task_arithmetic import check_context
+
+if TYPE_CHECKING:
+    import torch
+
+MajoritySign = Literal["total", "count"]
+
+MAJORITY_SIGN_DESCRIPTION = (
+    "Sign election per coordinate. 'total': the sign of the sum of the weighted deltas "
+    "(TIES paper; mergekit's consensus 'sum', its default). 'count': the sign held by more "
+    "of the non-zero weighted deltas (mergekit 'count'). Ties and zeros elect +."
+)
+NORMALIZE_DESCRIPTION = (
+    "Divide the agreeing deltas' sum by the sum of their weights (the disjoint mean); a "
+    "zero divisor counts as 1. "
+)
+SCALE_DESCRIPTION = (
+    "lambda in W = W0 + lambda * merged. Default 1.0 as mergekit's `lambda` (paper: disjoint "
+    "mean with lambda about 1); FusionBench uses 0.3 with a plain sum (merge-math.md "
+    "section 2)."
+)
+
+
+class Params(MethodParams):
+    density: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description=(
+            "Fraction of each task vector kept by magnitude, per tensor: "
+            "k = max(1, int(density * numel)); 1 keeps all. Default 0.2: the TIES paper's "
+            "and FusionBench's top-20% (merge-math.md section 2); mergekit defaults to 1."
+        ),
+    )
+    majority_sign: MajoritySign = Field(default="total", description=MAJORITY_SIGN_DESCRIPTION)
+    normalize: bool = Field(
+        default=True, description=NORMALIZE_DESCRIPTION + "Default true as mergekit's ties."
+    )
+    scale: float = Field(default=1.0, allow_inf_nan=False, description=SCALE_DESCRIPTION)
+
+
+def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = max(1, int(density * numel)) largest-magnitude entries, zero the rest.
+
+    Returns `tau` itself when nothing is pruned; never modifies it.
+    """
+    import torch
+
+    n = tau.numel()
+    if density >= 1 or n == 0:
+        return tau
+    k = max(1, int(density * n))  # int() truncates exactly as mergekit's does
+    if k >= n:
+        return tau
+    mag = tau.abs().reshape(-1)
+    # kthvalue counts from the smallest: the k-th largest is the (n - k + 1)-th smallest.
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    keep = mag > threshold
+    at_threshold = mag == threshold
+    room = k - int(keep.sum())
+    if int(at_threshold.sum()) > room:
+        # Ties at the cut: take the first `room` of them so exactly k entries survive.
+        at_threshold &= torch.cumsum(at_threshold, dim=0) <= room
+    keep |= at_threshold
+    return torch.where(keep.reshape(tau.shape), tau, 0.0)
+
+
+def elect_and_merge(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    majority_sign: MajoritySign,
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Steps 2-5 of the module docstring on already-sparsified deltas (shared with dare_ties)."""
+    import torch
+
+    stacked = torch.stack(list(deltas))  # a new tensor: safe to modify in place below
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape((len(weights),) + (1,) * base.dim())
+    stacked.mul_(w)
+
+    positive = stacked > 0
+    negative = stacked < 0
+    if majority_sign == "total":
+        elected_positive = stacked.sum(dim=0) >= 0
+    elif majority_sign == "count":
+        elected_positive = positive.sum(dim=0) >= negative.sum(dim=0)
+    else:  # Params validation makes this unreachable; a direct caller gets a clear error
+        raise ValueError(f"unknown majority_sign {majority_sign!r}")
+    agree = torch.where(elected_positive, positive, negative)
+    del positive, negative
+
+    stacked.masked_fill_(~agree, 0)
+    mixed = stacked.sum(dim=0)
+    if normalize:
+        divisor = (agree * w).sum(dim=0)
+        divisor.masked_fill_(divisor == 0, 1)
+        mixed.div_(divisor)
+    if scale != 1:
+        mixed.mul_(scale)
+    return base + mixed
+
+
+def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
+    check_context(ctx)
+    trimmed = [magnitude_trim(tau, p.density) for tau in ctx.task_vectors()]
+    return elect_and_merge(
+        ctx.base,
+        trimmed,
+        ctx.weights,
+        majority_sign=p.majority_sign,
+        normalize=p.normalize,
+        scale=p.scale,
+    )
+
+
+METHOD = MethodInfo(
+    name="ties",
+    summary=(
+        "TIES-Merging: per tensor, keep each task vector's top `density` fraction by "
+        "magnitude, elect a sign per coordinate, and average (or sum) the agreeing entries."
+    ),
+    params=Params,
+    merge=merge,
+)
