@@ -31,7 +31,8 @@ def _store(settings: Settings) -> Any:
     return store
 
 
-def _worker_argv(concurrency: int, pool: str, loglevel: str) -> list[str]:
+def worker_argv(concurrency: int, pool: str, loglevel: str) -> list[str]:
+    """The command line of one Celery worker on the gpu queue (used by `up` and tests)."""
     return [
         sys.executable,
         "-m",
@@ -70,7 +71,7 @@ def worker(
     loglevel: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run a Celery worker on the `gpu` queue."""
-    os.execv(sys.executable, _worker_argv(concurrency, pool, loglevel))
+    os.execv(sys.executable, worker_argv(concurrency, pool, loglevel))
 
 
 @app.command()
@@ -88,7 +89,7 @@ def up(
     os.environ["CRUCIBLE_DATA_DIR"] = str(data_dir.resolve())
     settings = get_settings()
     _store(settings)  # migrate once before two processes race to it
-    worker_proc = subprocess.Popen(_worker_argv(1, "prefork", "warning"))
+    worker_proc = subprocess.Popen(worker_argv(1, "prefork", "warning"))
     console.print(
         f"[bold]crucible[/] API on http://{host}:{port}, worker pid {worker_proc.pid}, "
         f"data in {settings.data_root}"

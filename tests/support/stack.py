@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from crucible.cli import worker_argv
 from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,27 +65,7 @@ class Stack:
                 str(self.port),
             ],
         )
-        self._spawn(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app:celery",
-                "worker",
-                "-Q",
-                "gpu",
-                "--concurrency",
-                "1",
-                "--pool",
-                "prefork",
-                "--loglevel",
-                "info",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-        )
+        self._spawn("worker", worker_argv(concurrency=1, pool="prefork", loglevel="info"))
         self.wait_ready()
         return self
 
