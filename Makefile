@@ -1,25 +1,25 @@
 # Crucible: `make demo` runs the main job end to end; `make test` runs the test suite.
 PYTHON ?= python3.11
 VENV := .venv
-PIP_QUIET ?= -q
+PIP_FLAGS ?= -q
 
 .PHONY: setup test-deps demo test lint openapi bench-memory clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev]"
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[dev]"
 	touch $@
 
 # Test-only tools in side venvs: olah (the Hub stand-in) pins packages of its own, and
 # mergekit 0.1.5 is the reference implementation the method tests compare against.
 .venv-olah/.installed:
 	$(PYTHON) -m venv .venv-olah
-	.venv-olah/bin/pip install $(PIP_QUIET) olah
+	.venv-olah/bin/pip install $(PIP_FLAGS) olah
 	touch $@
 
 .venv-mergekit/.installed:
 	$(PYTHON) -m venv .venv-mergekit
-	.venv-mergekit/bin/pip install $(PIP_QUIET) torch==2.13.0 mergekit==0.1.5
+	.venv-mergekit/bin/pip install $(PIP_FLAGS) torch==2.13.0 mergekit==0.1.5
 	touch $@
 
 setup: $(VENV)/.installed

@@ -37,6 +37,21 @@ FLOAT_CODES: dict[str, torch.dtype] = {
 OUTPUT_CODES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Methods compute in float32: exact for fp16/bf16 inputs, and the dtype of the output cast.
 COMPUTE_DTYPE = torch.float32
+# Elementwise methods see large tensors in blocks of rows of about this many elements
+# (32 MiB per input in float32), so memory does not grow with the largest tensor.
+BLOCK_ELEMENTS = 8 * 2**20
+
+
+def _row_blocks(shape: tuple[int, ...], elementwise: bool) -> list[tuple[int, int] | None]:
+    """[None] for the whole tensor, or row ranges along dim 0 for blockwise merging."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not elementwise or not shape or shape[0] == 0 or numel <= BLOCK_ELEMENTS:
+        return [None]
+    per_row = numel // shape[0]
+    step = max(1, BLOCK_ELEMENTS // per_row)
+    return [(r, min(shape[0], r + step)) for r in range(0, shape[0], step)]
 
 
 class Reporter(Protocol):
@@ -155,24 +170,26 @@ def _merge(
             reporter.progress(0, total, "tensors")
             for i, name in enumerate(names):
                 reporter.check_cancelled()
-                w0 = base_reader.read(name)
                 if base.tensors[name].dtype not in FLOAT_CODES:
-                    writer.write(name, w0)
+                    writer.write(name, base_reader.read(name))
                 else:
-                    ctx = TensorContext(
-                        name=name,
-                        base=w0.to(COMPUTE_DTYPE),
-                        experts=[r.read(name).to(COMPUTE_DTYPE) for r in readers],
-                        weights=weights,
-                    )
-                    merged = method.merge(ctx, params)
-                    if not bool(torch.isfinite(merged).all()):
-                        raise CrucibleError(
-                            "non_finite",
-                            f"the merge of tensor {name!r} produced NaN or infinite values",
-                            {"tensor": name},
+                    out_dtype = FLOAT_CODES[planned_code(name)]
+                    for rows in _row_blocks(base.tensors[name].shape, method.elementwise):
+                        ctx = TensorContext(
+                            name=name,
+                            base=base_reader.read(name, rows).to(COMPUTE_DTYPE),
+                            experts=[r.read(name, rows).to(COMPUTE_DTYPE) for r in readers],
+                            weights=weights,
                         )
-                    writer.write(name, merged.to(FLOAT_CODES[planned_code(name)]))
+                        merged = method.merge(ctx, params)
+                        if not bool(torch.isfinite(merged).all()):
+                            raise CrucibleError(
+                                "non_finite",
+                                f"the merge of tensor {name!r} produced NaN or infinite values",
+                                {"tensor": name},
+                            )
+                        writer.write(name, merged.to(out_dtype), 0 if rows is None else rows[0])
+                        del ctx, merged
                     merged_count += 1
                 reporter.progress(i + 1, total, "tensors")
         writer.close()

@@ -159,3 +159,38 @@ def test_crucible_merge_cli_rejects_a_bad_spec(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 2 and "experts" in done.stderr
+
+
+def test_elementwise_methods_merge_large_tensors_in_row_blocks(
+    tmp_path: Path, family: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a tiny block size every matrix is merged in many row blocks; the result must
+    equal the whole-tensor formula, W0 + scale * sum_t w_t (W_t - W0), in float64."""
+    import crucible.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 1000)
+    assert len(pipeline._row_blocks((256, 64), elementwise=True)) == 18  # 15 rows each
+    spec = MergeSpec.model_validate(
+        {
+            **_spec(family, method="task_arithmetic", dtype="float32"),
+            "method": {"name": "task_arithmetic", "params": {"scale": 0.6}},
+        }
+    )
+    settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[family[0].parent])
+
+    class Quiet:
+        def stage(self, name: str) -> None: ...
+        def progress(self, done: int, total: int, unit: str) -> None: ...
+        def event(self, kind: str, message: str, data: dict | None = None) -> None: ...
+        def check_cancelled(self) -> None: ...
+
+    outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, Quiet())
+    merged = load_numpy(str(outcome.output_dir / "model.safetensors"))
+    base, experts = family
+    w0 = load_numpy(str(base / "model.safetensors"))
+    a = load_numpy(str(experts[0] / "model.safetensors"))
+    b = load_numpy(str(experts[1] / "model.safetensors"))
+    for name, w in w0.items():
+        w = w.astype(np.float64)
+        expected = w + 0.6 * (1.0 * (a[name] - w) + 3.0 * (b[name] - w))
+        np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -19,7 +19,7 @@ from crucible.publish.files import copy_support_files, file_manifest
 from crucible.publish.model_card import render_model_card
 from crucible.publish.writer import ShardedSafetensorsWriter
 from crucible.settings import Settings
-from crucible.sources.resolve import resolve_model
+from crucible.sources.resolve import ResolvedModel, resolve_model
 from crucible.sources.safetensors_header import (
     DTYPES,
     code_for_torch_name,
@@ -576,3 +576,50 @@ def test_model_card_single_hub_base_and_fence_escape() -> None:
     front = yaml.safe_load(card[4:].split("\n---\n", 1)[0])
     assert front["base_model"] == "org/base"
     assert "````yaml\n" in card  # the fence grew past the backticks inside the spec
+
+
+def test_row_block_reads_and_writes_equal_whole_tensors(tmp_path: Path) -> None:
+    """Blocks of rows read with TensorReader.read(rows=...) and written with
+    write(first_row=...) give byte-identical files to whole-tensor writes."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        "a": torch.randn(37, 5, 3, generator=g),
+        "b": torch.randn(11, generator=g),
+        "c": torch.randn(0, 4, generator=g),
+        "d": torch.tensor(2.5),
+    }
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    headers = read_safetensors_header(src / "model.safetensors")
+    model = ResolvedModel(
+        uri="file://x",
+        revision="main",
+        commit=None,
+        root=src,
+        weight_files=[src / "model.safetensors"],
+        tensors=headers,
+    )
+    plan = [(n, tuple(t.shape), "BF16") for n, t in tensors.items()]
+    with TensorReader(model) as reader:
+        whole, blocks = tmp_path / "whole", tmp_path / "blocks"
+        with ShardedSafetensorsWriter(whole, plan, 10**9) as w:
+            for n in tensors:
+                w.write(n, reader.read(n))
+        with ShardedSafetensorsWriter(blocks, plan, 10**9) as w:
+            for n, t in tensors.items():
+                if t.dim() == 0 or t.shape[0] == 0:
+                    w.write(n, reader.read(n))
+                    continue
+                for start in range(0, t.shape[0], 4):
+                    stop = min(t.shape[0], start + 4)
+                    part = reader.read(n, (start, stop))
+                    assert torch.equal(part, t[start:stop])
+                    w.write(n, part, first_row=start)
+        with pytest.raises(ValueError, match="out of range"):
+            reader.read("a", (30, 40))
+    assert (whole / "model.safetensors").read_bytes() == (blocks / "model.safetensors").read_bytes()
+    with ShardedSafetensorsWriter(tmp_path / "bad", plan, 10**9) as w:
+        with pytest.raises(ValueError, match="does not continue"):
+            w.write("a", tensors["a"][4:8], first_row=4)
+        w.abort()

@@ -25,7 +25,6 @@ from crucible.spec import Job
 from crucible.store import IdempotencyConflict, JobStore, alembic_config, head_revision
 from crucible.store.job_store import MIGRATIONS_DIR, encode_cursor
 from crucible.store.models import Base
-
 from tests.support.postgres import throwaway_postgres_url
 
 BACKENDS = ["sqlite", "postgresql"]

@@ -57,3 +57,6 @@ class MethodInfo:
     merge: Callable[[TensorContext, Any], torch.Tensor]
     # What the method needs besides weights: "gram", "anchor", "data" (later issues).
     needs: frozenset[str] = frozenset()
+    # True when every output element depends only on the same element of the inputs: the
+    # pipeline may then merge a large tensor in blocks of rows to bound memory.
+    elementwise: bool = False

@@ -62,4 +62,5 @@ METHOD = MethodInfo(
     ),
     params=Params,
     merge=merge,
+    elementwise=True,
 )

@@ -101,4 +101,5 @@ METHOD = MethodInfo(
     ),
     params=Params,
     merge=merge,
+    elementwise=True,
 )

@@ -91,6 +91,7 @@ class ShardedSafetensorsWriter:
             shard.filename = shard_filename(i, len(self._shards))
             shard.header = self._header(shard)
         self._next = 0
+        self._rows_done = 0  # rows of the current tensor written so far (block writes)
         self._open_shard: int | None = None
         self._fh: IO[bytes] | None = None
         self._created: list[Path] = []  # every path this writer made, temp or final
@@ -199,8 +200,13 @@ class ShardedSafetensorsWriter:
         if size != expected:
             raise RuntimeError(f"{shard.filename}: wrote {size} bytes, expected {expected}")
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor of the plan; cast to the planned dtype if needed."""
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Write the next tensor of the plan, whole or in consecutive blocks of rows.
+
+        A block holds rows [first_row, first_row + len) along dim 0 with every other dim
+        whole; blocks must come in order. The tensor is done when its last row is written.
+        Casts to the planned dtype if needed.
+        """
         if self._closed:
             raise RuntimeError("writer is closed")
         if self._next >= len(self._entries):
@@ -212,9 +218,14 @@ class ShardedSafetensorsWriter:
                 f"tensor {name!r} {where}: the plan expects {entry.name!r} next "
                 f"(tensor {self._next + 1} of {len(self._entries)})"
             )
-        if tuple(tensor.shape) != entry.shape:
+        shape = tuple(tensor.shape)
+        whole = first_row == 0 and shape == entry.shape
+        if not whole and (not entry.shape or not shape or shape[1:] != entry.shape[1:]):
+            raise ValueError(f"tensor {name!r} has shape {shape}, the plan says {entry.shape}")
+        if not whole and (first_row != self._rows_done or first_row + shape[0] > entry.shape[0]):
             raise ValueError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, the plan says {entry.shape}"
+                f"tensor {name!r}: a block of shape {shape} at row {first_row} does not "
+                f"continue the plan's {entry.shape} (rows written so far: {self._rows_done})"
             )
         target = getattr(torch, torch_name_for_code(entry.code))
         data = tensor.detach()
@@ -230,11 +241,20 @@ class ShardedSafetensorsWriter:
         if self._open_shard != entry.shard:
             self._start_shard(entry.shard)
         assert self._fh is not None
-        if entry.nbytes:
+        if data.numel():
             # Reinterpret as bytes without copying (bf16 has no numpy dtype, uint8 does).
             raw = data.reshape(-1).view(torch.uint8).numpy()
-            self._fh.seek(len(self._shards[entry.shard].header) + entry.offset)
+            row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
+            offset = entry.offset + first_row * row_bytes
+            self._fh.seek(len(self._shards[entry.shard].header) + offset)
             self._fh.write(memoryview(raw))
+        if whole:
+            self._rows_done = entry.shape[0] if entry.shape else 0
+        else:
+            self._rows_done = first_row + shape[0]
+        if entry.shape and self._rows_done < entry.shape[0]:
+            return
+        self._rows_done = 0
         self._next += 1
         shard = self._shards[entry.shard]
         if entry is shard.entries[-1]:
