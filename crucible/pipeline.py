@@ -174,12 +174,21 @@ def _merge(
                     writer.write(name, base_reader.read(name))
                 else:
                     out_dtype = FLOAT_CODES[planned_code(name)]
-                    for rows in _row_blocks(base.tensors[name].shape, method.elementwise):
+                    blockwise = method.elementwise or method.tensor_stats is not None
+                    blocks = _row_blocks(base.tensors[name].shape, blockwise)
+                    extra: dict[str, Any] = {}
+                    if method.tensor_stats is not None and blocks != [None]:
+                        extra["stats"] = [
+                            method.tensor_stats(_task_vector(name, base_reader, r, blocks), params)
+                            for r in readers
+                        ]
+                    for rows in blocks:
                         ctx = TensorContext(
                             name=name,
                             base=base_reader.read(name, rows).to(COMPUTE_DTYPE),
                             experts=[r.read(name, rows).to(COMPUTE_DTYPE) for r in readers],
                             weights=weights,
+                            extra=extra,
                         )
                         merged = method.merge(ctx, params)
                         if not bool(torch.isfinite(merged).all()):
@@ -204,6 +213,20 @@ def _merge(
         "merge_seconds": round(seconds, 3),
         "input_bytes": input_bytes,
     }
+
+
+def _task_vector(
+    name: str, base: TensorReader, expert: TensorReader, blocks: list[tuple[int, int] | None]
+) -> torch.Tensor:
+    """One expert's whole task vector for `name`, flat, assembled block by block (so only
+    it and one block of each input are in memory)."""
+    tau = torch.empty(base.info(name).numel, dtype=COMPUTE_DTYPE)
+    pos = 0
+    for rows in blocks:
+        block = expert.read(name, rows).to(COMPUTE_DTYPE) - base.read(name, rows).to(COMPUTE_DTYPE)
+        tau[pos : pos + block.numel()] = block.reshape(-1)
+        pos += block.numel()
+    return tau
 
 
 def _write_support_files(

@@ -99,7 +99,9 @@ def parse_size(value: int | str) -> int:
 class OutputSpec(_Strict):
     uri: str = Field(default="local://", description="local:// is the artifact store.")
     dtype: DType | None = Field(default=None, description="Output dtype; the base's if unset.")
-    shard_size: int | str = Field(default="5GB", description="Maximum bytes per shard.")
+    shard_size: int | str = Field(
+        default="5GB", validate_default=True, description="Maximum bytes per shard."
+    )
     format: Literal["full"] = "full"
 
     @field_validator("uri")

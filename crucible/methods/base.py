@@ -60,3 +60,7 @@ class MethodInfo:
     # True when every output element depends only on the same element of the inputs: the
     # pipeline may then merge a large tensor in blocks of rows to bound memory.
     elementwise: bool = False
+    # Methods that are elementwise given one statistic of each whole task vector (TIES: its
+    # magnitude cut). The pipeline computes `tensor_stats(tau_t, params)` one expert at a
+    # time and passes the list as ctx.extra["stats"] with blocks of rows, in order.
+    tensor_stats: Callable[[torch.Tensor, Any], Any] | None = None

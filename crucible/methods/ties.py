@@ -22,6 +22,7 @@ Torch is imported inside functions only: the API imports this module to validate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -69,30 +70,56 @@ class Params(MethodParams):
     scale: float = Field(default=1.0, allow_inf_nan=False, description=SCALE_DESCRIPTION)
 
 
+@dataclass
+class MagnitudeCut:
+    """Where one task vector is trimmed: entries with |tau| > threshold are kept, and of
+    those equal to it, the first `room` in flat order (so exactly k survive). `room` is
+    spent as blocks of rows are trimmed in order."""
+
+    threshold: float
+    room: int
+
+
+def magnitude_cut(tau: torch.Tensor, density: float) -> MagnitudeCut | None:
+    """The cut keeping k = max(1, int(density * numel)) entries; None keeps everything."""
+    import torch
+
+    n = tau.numel()
+    if density >= 1 or n == 0:
+        return None
+    k = max(1, int(density * n))  # int() truncates exactly as mergekit's does
+    if k >= n:
+        return None
+    mag = tau.abs().reshape(-1)
+    # kthvalue counts from the smallest: the k-th largest is the (n - k + 1)-th smallest.
+    threshold = float(torch.kthvalue(mag, n - k + 1).values)
+    return MagnitudeCut(threshold, k - int((mag > threshold).sum()))
+
+
+def apply_cut(tau: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
+    """Trim `tau` (a whole tensor, or the next block of rows) at `cut`; never modifies it."""
+    import torch
+
+    if cut is None:
+        return tau
+    mag = tau.abs()
+    keep = mag > cut.threshold
+    at_threshold = (mag == cut.threshold).reshape(-1)
+    ties = int(at_threshold.sum())
+    if ties > cut.room:
+        # Ties at the cut: take the first `room` of them so exactly k entries survive.
+        at_threshold &= torch.cumsum(at_threshold, dim=0) <= cut.room
+    cut.room -= min(ties, cut.room)
+    keep |= at_threshold.reshape(tau.shape)
+    return torch.where(keep, tau, 0.0)
+
+
 def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = max(1, int(density * numel)) largest-magnitude entries, zero the rest.
 
     Returns `tau` itself when nothing is pruned; never modifies it.
     """
-    import torch
-
-    n = tau.numel()
-    if density >= 1 or n == 0:
-        return tau
-    k = max(1, int(density * n))  # int() truncates exactly as mergekit's does
-    if k >= n:
-        return tau
-    mag = tau.abs().reshape(-1)
-    # kthvalue counts from the smallest: the k-th largest is the (n - k + 1)-th smallest.
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    keep = mag > threshold
-    at_threshold = mag == threshold
-    room = k - int(keep.sum())
-    if int(at_threshold.sum()) > room:
-        # Ties at the cut: take the first `room` of them so exactly k entries survive.
-        at_threshold &= torch.cumsum(at_threshold, dim=0) <= room
-    keep |= at_threshold
-    return torch.where(keep.reshape(tau.shape), tau, 0.0)
+    return apply_cut(tau, magnitude_cut(tau, density))
 
 
 def elect_and_merge(
@@ -136,7 +163,10 @@ def elect_and_merge(
 
 def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     check_context(ctx)
-    trimmed = [magnitude_trim(tau, p.density) for tau in ctx.task_vectors()]
+    # Blockwise: the pipeline computed each whole task vector's cut (tensor_stats) and hands
+    # blocks of rows in order; otherwise the tensor is whole and cut here.
+    cuts = ctx.extra.get("stats") or [magnitude_cut(tau, p.density) for tau in ctx.task_vectors()]
+    trimmed = [apply_cut(tau, cut) for tau, cut in zip(ctx.task_vectors(), cuts, strict=True)]
     return elect_and_merge(
         ctx.base,
         trimmed,
@@ -147,6 +177,11 @@ def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     )
 
 
+def tensor_stats(tau: torch.Tensor, p: Params) -> MagnitudeCut | None:
+    """The one whole-tensor statistic TIES needs per expert: its magnitude cut."""
+    return magnitude_cut(tau, p.density)
+
+
 METHOD = MethodInfo(
     name="ties",
     summary=(
@@ -155,4 +190,5 @@ METHOD = MethodInfo(
     ),
     params=Params,
     merge=merge,
+    tensor_stats=tensor_stats,
 )
