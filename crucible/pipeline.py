@@ -176,7 +176,7 @@ def _merge(
                     out_dtype = FLOAT_CODES[planned_code(name)]
                     blockwise = method.elementwise or method.tensor_stats is not None
                     blocks = _row_blocks(base.tensors[name].shape, blockwise)
-                    extra: dict[str, Any] = {}
+                    extra: dict[str, Any] = {"shape": base.tensors[name].shape}
                     if method.tensor_stats is not None and blocks != [None]:
                         extra["stats"] = [
                             method.tensor_stats(_task_vector(name, base_reader, r, blocks), params)
@@ -188,7 +188,7 @@ def _merge(
                             base=base_reader.read(name, rows).to(COMPUTE_DTYPE),
                             experts=[r.read(name, rows).to(COMPUTE_DTYPE) for r in readers],
                             weights=weights,
-                            extra=extra,
+                            extra=extra if rows is None else {**extra, "rows": rows},
                         )
                         merged = method.merge(ctx, params)
                         if not bool(torch.isfinite(merged).all()):

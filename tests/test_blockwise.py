@@ -64,3 +64,61 @@ def test_pipeline_merges_ties_in_blocks_exactly(
     for name, w in w0.items():
         expected = ties_reference(w, [e[name] for e in ex], weights, density=0.3, scale=0.8)
         np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_dare_masks_do_not_depend_on_the_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crucible.methods import dare_linear
+
+    monkeypatch.setattr(dare_linear, "MASK_CHUNK_ELEMENTS", 50)
+    shape = (37, 7)  # 7 rows per mask chunk
+    whole = dare_linear.dare_mask(shape, 0.4, 3, "w", 1)
+    for step in (1, 5, 7, 11, 37):
+        parts = [
+            dare_linear.dare_mask(shape, 0.4, 3, "w", 1, (r, min(37, r + step)))
+            for r in range(0, 37, step)
+        ]
+        assert torch.equal(torch.cat(parts), whole), step
+    assert 0.25 < float(whole.float().mean()) < 0.55
+    other = dare_linear.dare_mask(shape, 0.4, 3, "w", 2)
+    assert not torch.equal(other, whole)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "linear", "task_arithmetic"])
+def test_pipeline_blocks_equal_the_whole_tensor_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    from crucible.methods import dare_linear
+    from crucible.methods.base import TensorContext
+    from crucible.methods.registry import get_method
+
+    monkeypatch.setattr(dare_linear, "MASK_CHUNK_ELEMENTS", 300)
+    base, experts = make_gpt2_family(tmp_path / "models", n_experts=2, seed=5)
+    spec = MergeSpec.model_validate(
+        {
+            "base": {"uri": base.as_uri()},
+            "experts": [
+                {"uri": e.as_uri(), "weight": w} for e, w in zip(experts, [0.9, 0.6], strict=True)
+            ],
+            "method": {"name": method},
+            "output": {"dtype": "float32"},
+        }
+    )
+    settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[tmp_path / "models"])
+    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 1000)
+    outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, Quiet())
+    merged = load_numpy(str(outcome.output_dir / "model.safetensors"))
+    w0 = load_numpy(str(base / "model.safetensors"))
+    ex = [load_numpy(str(e / "model.safetensors")) for e in experts]
+    info = get_method(method)
+    blocked = 0
+    for name, w in w0.items():
+        blocked += len(pipeline._row_blocks(w.shape, True)) > 1
+        ctx = TensorContext(
+            name=name,
+            base=torch.from_numpy(w),
+            experts=[torch.from_numpy(e[name]) for e in ex],
+            weights=[0.9, 0.6],
+        )
+        whole = info.merge(ctx, spec.method.params).numpy()
+        np.testing.assert_array_equal(merged[name], whole, err_msg=name)
+    assert blocked > 5

@@ -57,8 +57,10 @@ class MethodInfo:
     merge: Callable[[TensorContext, Any], torch.Tensor]
     # What the method needs besides weights: "gram", "anchor", "data" (later issues).
     needs: frozenset[str] = frozenset()
-    # True when every output element depends only on the same element of the inputs: the
-    # pipeline may then merge a large tensor in blocks of rows to bound memory.
+    # True when every output element depends only on the same element of the inputs (and
+    # its position: DARE's masks): the pipeline may then merge a large tensor in blocks of
+    # rows to bound memory, with ctx.extra["shape"] (the whole tensor's) and
+    # ctx.extra["rows"] (the block's [start, stop) along dim 0).
     elementwise: bool = False
     # Methods that are elementwise given one statistic of each whole task vector (TIES: its
     # magnitude cut). The pipeline computes `tensor_stats(tau_t, params)` one expert at a

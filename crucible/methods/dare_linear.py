@@ -68,27 +68,76 @@ class Params(MethodParams):
     )
 
 
+# Masks are drawn in chunks of whole rows of about this many elements, each chunk from its
+# own seeded stream, so any block of rows can be drawn without drawing the whole tensor
+# (the pipeline merges large tensors in blocks) and the mask never depends on the blocking.
+MASK_CHUNK_ELEMENTS = 2**20
+
+
+def _chunk_rows(shape: tuple[int, ...]) -> int:
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    return max(1, MASK_CHUNK_ELEMENTS // max(per_row, 1))
+
+
 def dare_mask(
-    shape: torch.Size | tuple[int, ...], density: float, seed: int, name: str, expert_index: int
+    shape: torch.Size | tuple[int, ...],
+    density: float,
+    seed: int,
+    name: str,
+    expert_index: int,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """The keep mask (bool, on the CPU) of one (tensor, expert): True with probability density."""
+    """The keep mask (bool, on the CPU) of one (tensor, expert), or of rows [start, stop) of
+    it: True with probability density. Chunk c of `_chunk_rows` rows draws float32
+    uniforms from tensor_seed(seed, name, expert) for c = 0 and from
+    tensor_seed(seed, f"{name}#{c}", expert) after; a tensor of at most
+    MASK_CHUNK_ELEMENTS per chunk is therefore one plain draw."""
+    import torch
+
+    shape = tuple(shape)
+    if not shape:
+        return _draw(shape, density, seed, name, expert_index)
+    start, stop = rows if rows is not None else (0, shape[0])
+    step = _chunk_rows(shape)
+    parts = []
+    for c in range(start // step, -(-stop // step)):
+        c0, c1 = c * step, min(shape[0], (c + 1) * step)
+        key = name if c == 0 else f"{name}#{c}"
+        chunk = _draw((c1 - c0, *shape[1:]), density, seed, key, expert_index)
+        parts.append(chunk[max(start, c0) - c0 : min(stop, c1) - c0])
+    if not parts:
+        return torch.zeros((0, *shape[1:]), dtype=torch.bool)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _draw(shape: tuple[int, ...], density: float, seed: int, key: str, expert: int) -> torch.Tensor:
     import torch
 
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(tensor_seed(seed, name, expert_index))
+    generator.manual_seed(tensor_seed(seed, key, expert))
     # float32 uniforms on the CPU: the same mask for float32 and float64 inputs, on any device.
-    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) < density
+    return torch.rand(shape, generator=generator, dtype=torch.float32) < density
 
 
 def dare_drop(
-    tau: torch.Tensor, density: float, rescale: bool, seed: int, name: str, expert_index: int
+    tau: torch.Tensor,
+    density: float,
+    rescale: bool,
+    seed: int,
+    name: str,
+    expert_index: int,
+    block: tuple[tuple[int, ...], tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """m * tau (/ density): returns `tau` itself when density >= 1 (nothing dropped)."""
+    """m * tau (/ density): returns `tau` itself when density >= 1 (nothing dropped).
+    `block` = (full shape, rows) when `tau` is a block of rows of a larger tensor."""
     import torch
 
     if density >= 1:
         return tau
-    keep = dare_mask(tau.shape, density, seed, name, expert_index).to(tau.device)
+    shape, rows = block if block is not None else (tuple(tau.shape), None)
+    keep = dare_mask(shape, density, seed, name, expert_index, rows).to(tau.device)
     kept = tau / density if rescale else tau
     return torch.where(keep, kept, 0.0)
 
@@ -96,8 +145,9 @@ def dare_drop(
 def dare_task_vectors(
     ctx: TensorContext, density: float, rescale: bool, seed: int
 ) -> list[torch.Tensor]:
+    block = (ctx.extra["shape"], ctx.extra["rows"]) if "rows" in ctx.extra else None
     return [
-        dare_drop(tau, density, rescale, seed, ctx.name, index)
+        dare_drop(tau, density, rescale, seed, ctx.name, index, block)
         for index, tau in enumerate(ctx.task_vectors())
     ]
 
@@ -116,4 +166,5 @@ METHOD = MethodInfo(
     ),
     params=Params,
     merge=merge,
+    elementwise=True,
 )
