@@ -122,3 +122,19 @@ def test_pipeline_blocks_equal_the_whole_tensor_method(
         whole = info.merge(ctx, spec.method.params).numpy()
         np.testing.assert_array_equal(merged[name], whole, err_msg=name)
     assert blocked > 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_largest_by_bisection_equals_kthvalue(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    cases = [
+        torch.randn(10_001, generator=g, dtype=dtype).abs(),
+        torch.randint(0, 5, (999,), generator=g).to(dtype),  # many ties and zeros
+        torch.zeros(17, dtype=dtype),
+        torch.tensor([3e-39, 1e-45, 0.0, 7.0, float("inf")], dtype=dtype),  # subnormals, inf
+    ]
+    for mag in cases:
+        n = mag.numel()
+        for k in {1, 2, n // 3, n // 2, n - 1, n}:
+            expected = float(torch.kthvalue(mag, n - k + 1).values)
+            assert ties.kth_largest(mag, k) == expected, (n, k)
