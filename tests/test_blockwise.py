@@ -128,7 +128,9 @@ def test_pipeline_blocks_equal_the_whole_tensor_method(
 def test_kth_largest_by_bisection_equals_kthvalue(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ties, "KTHVALUE_MAX", 3)  # bisect down to a handful of candidates
+    # Tiny limits: large-tensor paths (sample bracket, then bisection when it misses).
+    monkeypatch.setattr(ties, "KTHVALUE_MAX", 3)
+    monkeypatch.setattr(ties, "SAMPLE_SIZE", 64)
     g = torch.Generator().manual_seed(2)
     cases = [
         torch.randn(10_001, generator=g, dtype=dtype).abs(),
@@ -141,5 +143,20 @@ def test_kth_largest_by_bisection_equals_kthvalue(
         for k in {1, 2, n // 3, n // 2, n - 1, n}:
             expected = float(torch.kthvalue(mag, n - k + 1).values)
             assert ties.kth_largest(mag, k) == expected, (n, k)
-            if n > 3:
-                assert ties.kth_largest(mag.reshape(-1, 1), k) == expected  # any shape
+            assert ties.kth_largest(mag.reshape(-1, 1), k) == expected  # any shape
+            assert ties._bisect(mag, k) == expected
+
+
+def test_kth_largest_sample_bracket_finds_the_value_without_bisection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ties, "KTHVALUE_MAX", 2000)
+    monkeypatch.setattr(ties, "SAMPLE_SIZE", 1024)
+
+    def no_bisect(flat: torch.Tensor, k: int) -> float:
+        raise AssertionError("the sample bracket should have held the value")
+
+    monkeypatch.setattr(ties, "_bisect", no_bisect)
+    mag = torch.randn(50_000, generator=torch.Generator().manual_seed(4)).abs()
+    for k in (1, 10, 5_000, 10_000, 25_000, 49_999, 50_000):
+        assert ties.kth_largest(mag, k) == float(torch.kthvalue(mag, 50_000 - k + 1).values), k

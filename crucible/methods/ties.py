@@ -21,6 +21,7 @@ Torch is imported inside functions only: the API imports this module to validate
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -99,44 +100,70 @@ def cut_from_magnitudes(mag: torch.Tensor, density: float) -> MagnitudeCut | Non
 
 
 # Up to this many entries kthvalue is used as is (it copies the tensor and allocates int64
-# indices: ~12 bytes per entry, 100 MB here); above, bisection keeps memory at 1 byte/entry.
-KTHVALUE_MAX = 2**23
+# indices: ~12 bytes per entry, 50 MB here); above, memory stays near 1 byte per entry.
+KTHVALUE_MAX = 2**22
+SAMPLE_SIZE = 2**20
 
 
 def kth_largest(mag: torch.Tensor, k: int) -> float:
     """The exact k-th largest of non-negative floats (float32 or float64).
 
-    Large tensors: bisection on the bit patterns (which order like the values for
-    non-negative IEEE floats), one boolean mask per step, until the candidates between the
-    bounds are few enough for kthvalue. Where kthvalue on the whole tensor would need 1.3 GB
-    for a 65M-entry embedding, this needs a mask."""
+    Large tensors: a strided sample brackets the value, one pass counts the entries above
+    and inside the bracket, and kthvalue runs on the few inside. If the bracket misses
+    (structured data), bisection on the bit patterns (which order like the values for
+    non-negative IEEE floats) narrows it instead. Where kthvalue on the whole tensor needs
+    1.3 GB for a 65M-entry embedding, this needs a boolean mask."""
     import torch
 
-    n = mag.numel()
+    flat = mag.reshape(-1)
+    n = flat.numel()
     if n <= KTHVALUE_MAX:
-        return float(torch.kthvalue(mag.reshape(-1), n - k + 1).values)
-    if mag.dtype == torch.float32:
-        bits, lo, hi = mag.reshape(-1).view(torch.int32), 0, 0x7F800000  # up to +inf
-    elif mag.dtype == torch.float64:
-        bits, lo, hi = mag.reshape(-1).view(torch.int64), 0, 0x7FF0000000000000
+        return float(torch.kthvalue(flat, n - k + 1).values)
+    sample = flat[:: max(1, n // SAMPLE_SIZE)].contiguous()
+    m = sample.numel()
+    j = k * m / n  # the value's rank from the top, in the sample
+    margin = 6 * math.sqrt(max(j * (1 - k / n), 1.0)) + 32
+    top = min(m, max(1, math.floor(j - margin)))
+    bottom = min(m, max(1, math.ceil(j + margin)))
+    # At the ends of the sample the bracket must reach the ends of the whole tensor.
+    upper = math.inf if top <= 1 else float(torch.kthvalue(sample, m - top + 1).values)
+    lower = 0.0 if bottom >= m else float(torch.kthvalue(sample, m - bottom + 1).values)
+    found = _select_between(flat, k, lower, upper)
+    if found is not None:
+        return found
+    return _bisect(flat, k)
+
+
+def _select_between(flat: torch.Tensor, k: int, lower: float, upper: float) -> float | None:
+    """The k-th largest if it lies in [lower, upper] and few entries do; else None."""
+    import torch
+
+    above = int((flat > upper).sum())
+    inside = (flat >= lower) & (flat <= upper)
+    count = int(inside.sum())
+    if not above < k <= above + count or count > KTHVALUE_MAX:
+        return None
+    candidates = flat[inside]
+    return float(torch.kthvalue(candidates, count - (k - above) + 1).values)
+
+
+def _bisect(flat: torch.Tensor, k: int) -> float:
+    import torch
+
+    if flat.dtype == torch.float32:
+        bits, lo, hi = flat.view(torch.int32), 0, 0x7F800000  # up to +inf
+    elif flat.dtype == torch.float64:
+        bits, lo, hi = flat.view(torch.int64), 0, 0x7FF0000000000000
     else:
-        raise ValueError(f"magnitudes must be float32 or float64, not {mag.dtype}")
-    above = 0  # entries with bits > hi
+        raise ValueError(f"magnitudes must be float32 or float64, not {flat.dtype}")
     # Invariant: the k-th largest value's bit pattern is in [lo, hi].
     while lo < hi:
-        inside = (bits >= lo) & (bits <= hi)
-        count = int(inside.sum())
-        if count <= KTHVALUE_MAX:
-            candidates = bits[inside].view(mag.dtype)
-            return float(torch.kthvalue(candidates, count - (k - above) + 1).values)
-        del inside
         mid = (lo + hi + 1) // 2
-        at_least_mid = int((bits >= mid).sum())
-        if at_least_mid >= k:
+        if int((bits >= mid).sum()) >= k:
             lo = mid
         else:
-            hi, above = mid - 1, at_least_mid
-    return float(torch.tensor(lo, dtype=bits.dtype).view(mag.dtype))
+            hi = mid - 1
+    return float(torch.tensor(lo, dtype=bits.dtype).view(flat.dtype))
 
 
 def apply_cut(tau: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
