@@ -37,9 +37,10 @@ FLOAT_CODES: dict[str, torch.dtype] = {
 OUTPUT_CODES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Methods compute in float32: exact for fp16/bf16 inputs, and the dtype of the output cast.
 COMPUTE_DTYPE = torch.float32
-# Elementwise methods see large tensors in blocks of rows of about this many elements
-# (32 MiB per input in float32), so memory does not grow with the largest tensor.
-BLOCK_ELEMENTS = 8 * 2**20
+# Large tensors are merged in blocks of rows of about this many elements (8 MiB per input
+# in float32), so memory does not grow with the largest tensor (bench/memory.py: 8 Mi
+# elements peaked ~1.2 GB above baseline for TIES, whose blocks hold ~15 temporaries).
+BLOCK_ELEMENTS = 2 * 2**20
 
 
 def _row_blocks(shape: tuple[int, ...], elementwise: bool) -> list[tuple[int, int] | None]:
