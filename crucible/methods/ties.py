@@ -96,7 +96,7 @@ def cut_from_magnitudes(mag: torch.Tensor, density: float) -> MagnitudeCut | Non
     if k >= n:
         return None
     threshold = kth_largest(mag, k)
-    return MagnitudeCut(threshold, k - int((mag > threshold).sum()))
+    return MagnitudeCut(threshold, k - _count(mag > threshold))
 
 
 # Up to this many entries kthvalue is used as is (it copies the tensor and allocates int64
@@ -138,9 +138,9 @@ def _select_between(flat: torch.Tensor, k: int, lower: float, upper: float) -> f
     """The k-th largest if it lies in [lower, upper] and few entries do; else None."""
     import torch
 
-    above = int((flat > upper).sum())
+    above = _count(flat > upper)
     inside = (flat >= lower) & (flat <= upper)
-    count = int(inside.sum())
+    count = _count(inside)
     if not above < k <= above + count or count > KTHVALUE_MAX:
         return None
     candidates = flat[inside]
@@ -159,11 +159,19 @@ def _bisect(flat: torch.Tensor, k: int) -> float:
     # Invariant: the k-th largest value's bit pattern is in [lo, hi].
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if int((bits >= mid).sum()) >= k:
+        if _count(bits >= mid) >= k:
             lo = mid
         else:
             hi = mid - 1
     return float(torch.tensor(lo, dtype=bits.dtype).view(flat.dtype))
+
+
+def _count(mask: torch.Tensor) -> int:
+    """True entries of a boolean mask. bool.sum() would first make an int64 copy of the
+    mask (8 bytes per entry: 0.5 GB for a 65M-entry embedding)."""
+    import torch
+
+    return int(torch.count_nonzero(mask))
 
 
 def apply_cut(tau: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
@@ -175,7 +183,7 @@ def apply_cut(tau: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
     mag = tau.abs()
     keep = mag > cut.threshold
     at_threshold = (mag == cut.threshold).reshape(-1)
-    ties = int(at_threshold.sum())
+    ties = _count(at_threshold)
     if ties > cut.room:
         # Ties at the cut: take the first `room` of them so exactly k entries survive.
         at_threshold &= torch.cumsum(at_threshold, dim=0) <= cut.room
