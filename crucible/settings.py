@@ -38,6 +38,17 @@ class Settings(BaseSettings):
         return self.data_dir.expanduser().resolve()
 
     @property
+    def allowed_roots(self) -> list[Path]:
+        """CRUCIBLE_ALLOWED_LOCAL_DIRS with symlinks resolved."""
+        return [Path(d).expanduser().resolve() for d in self.allowed_local_dirs]
+
+    def allows_local_path(self, path: Path) -> bool:
+        """Whether `path`, every existing symlink followed, lies inside an allowed folder:
+        a link pointing out of an allowed folder is judged by its target."""
+        real = path.resolve()
+        return any(real.is_relative_to(root) for root in self.allowed_roots)
+
+    @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -81,8 +81,7 @@ def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
         root, commit = _fetch_hub(parsed.target, ref.revision)
         allowed: list[Path] | None = None
     elif parsed.scheme == "file":
-        allowed = _allowed_dirs(settings)
-        root = _check_local(parsed.path, allowed, ref.uri)
+        root = _check_local(parsed.path, settings, ref.uri)
         commit = None
     else:
         raise CrucibleError(
@@ -91,7 +90,7 @@ def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
             {"uri": ref.uri},
         )
     if allowed is not None:
-        _check_files_inside(root, allowed, ref.uri)
+        _check_files_inside(root, settings, ref.uri)
     weight_files, expected = _weight_files(root, ref.uri)
     tensors = _read_headers(weight_files, expected, root)
     return ResolvedModel(
@@ -107,26 +106,17 @@ def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
 # ----------------------------------------------------------------------------- local
 
 
-def _allowed_dirs(settings: Settings) -> list[Path]:
-    return [Path(d).expanduser().resolve() for d in settings.allowed_local_dirs]
-
-
-def _inside(path: Path, allowed: list[Path]) -> bool:
-    return any(path == a or path.is_relative_to(a) for a in allowed)
-
-
-def _check_local(path: Path, allowed: list[Path], uri: str) -> Path:
-    if not allowed:
+def _check_local(path: Path, settings: Settings, uri: str) -> Path:
+    if not settings.allowed_local_dirs:
         raise CrucibleError(
             "local_path_forbidden",
             "file:// sources are disabled on this server (CRUCIBLE_ALLOWED_LOCAL_DIRS is empty)",
             {"uri": uri},
         )
-    # resolve() follows every symlink that exists, so a link pointing out of an allowed
-    # folder is judged by its target. The check comes before the existence test so that
-    # the answer does not reveal which paths exist outside the allowed folders.
+    # The check comes before the existence test so that the answer does not reveal which
+    # paths exist outside the allowed folders.
     real = path.resolve()
-    if not _inside(real, allowed):
+    if not settings.allows_local_path(real):
         raise CrucibleError(
             "local_path_forbidden",
             f"{path} is outside the folders this server allows for file:// sources",
@@ -145,12 +135,12 @@ def _check_local(path: Path, allowed: list[Path], uri: str) -> Path:
     return real
 
 
-def _check_files_inside(root: Path, allowed: list[Path], uri: str) -> None:
+def _check_files_inside(root: Path, settings: Settings, uri: str) -> None:
     # A file inside the folder may itself be a symlink to anywhere; every top-level file is
     # a candidate for reading (weights, config, tokenizer), so each must stay inside.
     for entry in sorted(root.iterdir()):
         target = entry.resolve()
-        if not _inside(target, allowed):
+        if not settings.allows_local_path(target):
             raise CrucibleError(
                 "local_path_forbidden",
                 f"{entry.name} in {root} links to {target}, outside the allowed folders",

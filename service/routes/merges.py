@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -42,14 +41,10 @@ def _check_limits_and_paths(spec: MergeSpec, settings: Settings) -> None:
             f"experts: at most {settings.max_experts} experts per job (got {len(spec.experts)})",
             {"field": "experts", "limit": settings.max_experts},
         )
-    allowed = [d.expanduser().resolve() for d in settings.allowed_local_dirs]
     refs = [("base", spec.base), *((f"experts.{i}", e) for i, e in enumerate(spec.experts))]
     for field, ref in refs:
         parsed = parse_uri(ref.uri)
-        if parsed.scheme != "file":
-            continue
-        path = Path(parsed.target).resolve()
-        if not any(path.is_relative_to(root) for root in allowed):
+        if parsed.scheme == "file" and not settings.allows_local_path(parsed.path):
             raise ApiError(
                 422,
                 "local_path_forbidden",
