@@ -79,9 +79,9 @@ def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
         raise CrucibleError("unsupported_uri", str(exc), {"uri": ref.uri}) from exc
     if parsed.scheme == "hf":
         root, commit = _fetch_hub(parsed.target, ref.revision)
-        allowed: list[Path] | None = None
     elif parsed.scheme == "file":
         root = _check_local(parsed.path, settings, ref.uri)
+        _check_files_inside(root, settings, ref.uri)
         commit = None
     else:
         raise CrucibleError(
@@ -89,8 +89,6 @@ def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
             f"{parsed.scheme}:// is not a model source; use hf://org/name or file:///path",
             {"uri": ref.uri},
         )
-    if allowed is not None:
-        _check_files_inside(root, settings, ref.uri)
     weight_files, expected = _weight_files(root, ref.uri)
     tensors = _read_headers(weight_files, expected, root)
     return ResolvedModel(
