@@ -14,15 +14,9 @@ import crucible.pipeline as pipeline
 from crucible.methods import ties
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
-from tests.support.reference import ties_reference
+from tests.support.reference import ref_ties
+from tests.support.reporters import QuietReporter
 from tests.support.tiny_models import make_gpt2_family
-
-
-class Quiet:
-    def stage(self, name: str) -> None: ...
-    def progress(self, done: int, total: int, unit: str) -> None: ...
-    def event(self, kind: str, message: str, data: dict | None = None) -> None: ...
-    def check_cancelled(self) -> None: ...
 
 
 def test_cut_applied_block_by_block_equals_the_whole_trim() -> None:
@@ -57,12 +51,20 @@ def test_pipeline_merges_ties_in_blocks_exactly(
         }
     )
     settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[tmp_path / "models"])
-    outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, Quiet())
+    outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, QuietReporter())
     merged = load_numpy(str(outcome.output_dir / "model.safetensors"))
     w0 = load_numpy(str(base / "model.safetensors"))
     ex = [load_numpy(str(e / "model.safetensors")) for e in experts]
     for name, w in w0.items():
-        expected = ties_reference(w, [e[name] for e in ex], weights, density=0.3, scale=0.8)
+        expected = ref_ties(
+            w.astype(np.float64),
+            [e[name].astype(np.float64) for e in ex],
+            weights,
+            density=0.3,
+            majority_sign="total",
+            normalize=True,
+            scale=0.8,
+        )
         np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
@@ -105,7 +107,7 @@ def test_pipeline_blocks_equal_the_whole_tensor_method(
     )
     settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[tmp_path / "models"])
     monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 1000)
-    outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, Quiet())
+    outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, QuietReporter())
     merged = load_numpy(str(outcome.output_dir / "model.safetensors"))
     w0 = load_numpy(str(base / "model.safetensors"))
     ex = [load_numpy(str(e / "model.safetensors")) for e in experts]

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from tests.support.olah import OlahServer, hub_env
 from tests.support.postgres import throwaway_postgres_url
 from tests.support.redis_server import private_redis
-from tests.support.reference import ties_reference
+from tests.support.reference import ref_ties
 from tests.support.stack import Stack
 from tests.support.tiny_models import make_gpt2_family
 
@@ -151,7 +151,14 @@ def test_ties_merge_end_to_end(stack: Stack, hub: dict[str, Any], tmp_path: Path
     experts = [load_numpy(str(d / "model.safetensors")) for d in hub["experts"]]
     assert set(merged) == set(base)
     for name, w0 in base.items():
-        expected = ties_reference(w0, [e[name] for e in experts], WEIGHTS, **TIES_PARAMS)
+        expected = ref_ties(
+            w0.astype(np.float64),
+            [e[name].astype(np.float64) for e in experts],
+            WEIGHTS,
+            majority_sign="total",
+            normalize=True,
+            **TIES_PARAMS,
+        )
         np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
     model = AutoModelForCausalLM.from_pretrained(out)

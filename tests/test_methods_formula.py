@@ -21,96 +21,13 @@ from pydantic import ValidationError
 from crucible.methods import dare_linear, dare_ties, linear, task_arithmetic, ties
 from crucible.methods.base import TensorContext
 from crucible.methods.registry import METHODS
+from tests.support.reference import ref_linear, ref_task_arithmetic, ref_ties, ref_trim
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(), (7,), (5, 6), (2, 3, 4), (2, 1, 3, 3)]
 WEIGHTS = [0.7, 0.4, 1.3]
 NEG_WEIGHTS = [0.9, -0.4, 1.2]
 TOL = {"rtol": 1e-12, "atol": 1e-12}
-
-
-# --- independent references (float64 numpy, explicit loops) ----------------------------------
-
-
-def ref_linear(experts: list[np.ndarray], weights: list[float], normalize: bool) -> np.ndarray:
-    acc = np.zeros_like(experts[0])
-    for expert, w in zip(experts, weights, strict=True):
-        acc = acc + w * expert
-    if normalize:
-        acc = acc / sum(weights)
-    return acc
-
-
-def ref_task_arithmetic(
-    base: np.ndarray,
-    experts: list[np.ndarray],
-    weights: list[float],
-    scale: float,
-    normalize: bool,
-) -> np.ndarray:
-    acc = np.zeros_like(base)
-    for expert, w in zip(experts, weights, strict=True):
-        acc = acc + w * (expert - base)
-    total = sum(weights)
-    if normalize and abs(total) >= 1e-8:  # mergekit skips dividing by a ~zero weight sum
-        acc = acc / total
-    return base + scale * acc
-
-
-def ref_trim(tau: np.ndarray, density: float) -> np.ndarray:
-    """Keep the k = max(1, int(density * n)) largest |tau|; ties at the cut go to the lower
-    flat index."""
-    flat = tau.reshape(-1)
-    if density >= 1:
-        return tau.copy()
-    k = max(1, int(density * flat.size))
-    order = sorted(range(flat.size), key=lambda i: (-abs(flat[i]), i))
-    out = np.zeros_like(flat)
-    for i in order[:k]:
-        out[i] = flat[i]
-    return out.reshape(tau.shape)
-
-
-def ref_elect_merge(
-    base: np.ndarray,
-    deltas: list[np.ndarray],
-    weights: list[float],
-    majority_sign: str,
-    normalize: bool,
-    scale: float,
-) -> np.ndarray:
-    """TIES steps 2-5 (weight, elect, disjoint merge, scale), one coordinate at a time."""
-    flat_base = base.reshape(-1)
-    flat = [d.reshape(-1) for d in deltas]
-    out = np.empty_like(flat_base)
-    for j in range(flat_base.size):
-        values = [w * d[j] for d, w in zip(flat, weights, strict=True)]
-        if majority_sign == "total":
-            elected = 1.0 if sum(values) >= 0 else -1.0
-        else:
-            positives = sum(1 for v in values if v > 0)
-            negatives = sum(1 for v in values if v < 0)
-            elected = 1.0 if positives >= negatives else -1.0
-        agreeing = [t for t, v in enumerate(values) if np.sign(v) == elected]
-        merged = sum(values[t] for t in agreeing)
-        if normalize:
-            divisor = sum(weights[t] for t in agreeing)
-            merged = merged / (divisor if divisor != 0 else 1.0)
-        out[j] = flat_base[j] + scale * merged
-    return out.reshape(base.shape)
-
-
-def ref_ties(
-    base: np.ndarray,
-    experts: list[np.ndarray],
-    weights: list[float],
-    density: float,
-    majority_sign: str,
-    normalize: bool,
-    scale: float,
-) -> np.ndarray:
-    trimmed = [ref_trim(e - base, density) for e in experts]
-    return ref_elect_merge(base, trimmed, weights, majority_sign, normalize, scale)
 
 
 # --- helpers -----------------------------------------------------------------------------------

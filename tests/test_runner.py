@@ -18,6 +18,7 @@ from crucible.runner import execute_job
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
 from crucible.store import JobStore
+from tests.support.reporters import QuietReporter
 from tests.support.tiny_models import make_gpt2_family
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,13 +179,7 @@ def test_elementwise_methods_merge_large_tensors_in_row_blocks(
     )
     settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[family[0].parent])
 
-    class Quiet:
-        def stage(self, name: str) -> None: ...
-        def progress(self, done: int, total: int, unit: str) -> None: ...
-        def event(self, kind: str, message: str, data: dict | None = None) -> None: ...
-        def check_cancelled(self) -> None: ...
-
-    outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, Quiet())
+    outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, QuietReporter())
     merged = load_numpy(str(outcome.output_dir / "model.safetensors"))
     base, experts = family
     w0 = load_numpy(str(base / "model.safetensors"))

@@ -243,8 +243,9 @@ def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     check_context(ctx)
     # Blockwise: the pipeline computed each whole task vector's cut (tensor_stats) and hands
     # blocks of rows in order; otherwise the tensor is whole and cut here.
-    cuts = ctx.extra.get("stats") or [magnitude_cut(tau, p.density) for tau in ctx.task_vectors()]
-    trimmed = [apply_cut(tau, cut) for tau, cut in zip(ctx.task_vectors(), cuts, strict=True)]
+    taus = ctx.task_vectors()
+    cuts = ctx.extra.get("stats") or [magnitude_cut(tau, p.density) for tau in taus]
+    trimmed = [apply_cut(tau, cut) for tau, cut in zip(taus, cuts, strict=True)]
     return elect_and_merge(
         ctx.base,
         trimmed,

@@ -1,49 +1,89 @@
-"""Independent float64 (numpy) computations of the merge formulas, for checking outputs.
-
-Written from merge-math.md and mergekit's documented semantics, not from crucible's code.
-"""
+"""Independent float64 (numpy, explicit loops) computations of the merge formulas, for
+checking outputs. Written from merge-math.md and mergekit's documented semantics, not from
+crucible's code: the formula tests, the blockwise tests and the e2e test all check against
+these."""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def magnitude_trim(tau: np.ndarray, density: float) -> np.ndarray:
-    """Keep the max(1, int(density * n)) entries of largest magnitude (per tensor)."""
+def ref_linear(experts: list[np.ndarray], weights: list[float], normalize: bool) -> np.ndarray:
+    acc = np.zeros_like(experts[0])
+    for expert, w in zip(experts, weights, strict=True):
+        acc = acc + w * expert
+    if normalize:
+        acc = acc / sum(weights)
+    return acc
+
+
+def ref_task_arithmetic(
+    base: np.ndarray,
+    experts: list[np.ndarray],
+    weights: list[float],
+    scale: float,
+    normalize: bool,
+) -> np.ndarray:
+    acc = np.zeros_like(base)
+    for expert, w in zip(experts, weights, strict=True):
+        acc = acc + w * (expert - base)
+    total = sum(weights)
+    if normalize and abs(total) >= 1e-8:  # mergekit skips dividing by a ~zero weight sum
+        acc = acc / total
+    return base + scale * acc
+
+
+def ref_trim(tau: np.ndarray, density: float) -> np.ndarray:
+    """Keep the k = max(1, int(density * n)) largest |tau|; ties at the cut go to the lower
+    flat index."""
+    flat = tau.reshape(-1)
     if density >= 1:
         return tau.copy()
-    flat = tau.reshape(-1)
     k = max(1, int(density * flat.size))
+    order = sorted(range(flat.size), key=lambda i: (-abs(flat[i]), i))
     out = np.zeros_like(flat)
-    if k > 0:
-        keep = np.argsort(-np.abs(flat), kind="stable")[:k]
-        out[keep] = flat[keep]
+    for i in order[:k]:
+        out[i] = flat[i]
     return out.reshape(tau.shape)
 
 
-def ties_reference(
+def ref_elect_merge(
+    base: np.ndarray,
+    deltas: list[np.ndarray],
+    weights: list[float],
+    majority_sign: str,
+    normalize: bool,
+    scale: float,
+) -> np.ndarray:
+    """TIES steps 2-5 (weight, elect, disjoint merge, scale), one coordinate at a time."""
+    flat_base = base.reshape(-1)
+    flat = [d.reshape(-1) for d in deltas]
+    out = np.empty_like(flat_base)
+    for j in range(flat_base.size):
+        values = [w * d[j] for d, w in zip(flat, weights, strict=True)]
+        if majority_sign == "total":
+            elected = 1.0 if sum(values) >= 0 else -1.0
+        else:
+            positives = sum(1 for v in values if v > 0)
+            negatives = sum(1 for v in values if v < 0)
+            elected = 1.0 if positives >= negatives else -1.0
+        agreeing = [t for t, v in enumerate(values) if np.sign(v) == elected]
+        merged = sum(values[t] for t in agreeing)
+        if normalize:
+            divisor = sum(weights[t] for t in agreeing)
+            merged = merged / (divisor if divisor != 0 else 1.0)
+        out[j] = flat_base[j] + scale * merged
+    return out.reshape(base.shape)
+
+
+def ref_ties(
     base: np.ndarray,
     experts: list[np.ndarray],
     weights: list[float],
     density: float,
-    scale: float = 1.0,
-    normalize: bool = True,
+    majority_sign: str,
+    normalize: bool,
+    scale: float,
 ) -> np.ndarray:
-    """TIES with per-tensor trim, mass-weighted sign election, disjoint (weighted) mean."""
-    base = base.astype(np.float64)
-    merged = np.zeros_like(base)
-    divisor = np.zeros_like(base)
-    trimmed = [
-        w * magnitude_trim(e.astype(np.float64) - base, density)
-        for e, w in zip(experts, weights, strict=True)
-    ]
-    total = sum(trimmed)
-    elected = np.where(total >= 0, 1.0, -1.0)
-    for delta, w in zip(trimmed, weights, strict=True):
-        agree = np.sign(delta) == elected
-        merged += np.where(agree, delta, 0.0)
-        divisor += np.where(agree, w, 0.0)
-    if normalize:
-        divisor[divisor == 0] = 1.0
-        merged = merged / divisor
-    return base + scale * merged
+    trimmed = [ref_trim(e - base, density) for e in experts]
+    return ref_elect_merge(base, trimmed, weights, majority_sign, normalize, scale)
