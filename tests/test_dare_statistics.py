@@ -22,7 +22,7 @@ import torch
 from crucible.methods import dare_linear
 from crucible.methods.base import TensorContext, tensor_seed
 from crucible.methods.registry import METHODS
-from tests.test_methods_formula import ref_elect_merge
+from tests.support.reference import ref_elect_merge
 
 ALPHA = 1e-6  # family-wise false-alarm probability of each statistical check
 
