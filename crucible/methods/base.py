@@ -36,10 +36,46 @@ class TensorContext:
     experts: list[torch.Tensor]
     weights: list[float]
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per-expert input Grams G_t = X_t^T X_t / n_t (d_in x d_in), for methods whose `needs`
+    # holds "gram", when the job has them for this tensor; None otherwise.
+    grams: list[torch.Tensor] | None = None
+    # What the method did for this tensor (solve path, ridge, condition estimate, its own
+    # flags): the pipeline stores it in the job's report. JSON-serialisable values only.
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def task_vectors(self) -> list[torch.Tensor]:
         """tau_t = W_t - W0, computed out of place (the inputs may be read-only mmaps)."""
         return [expert - self.base for expert in self.experts]
+
+    def weighted_task_vectors(self) -> list[torch.Tensor]:
+        """w_t * tau_t: how the subspace methods (tsv, iso, wudi, ace) take expert weights,
+        as FusionBench's per-task alphas applied before the method. Default weights are 1."""
+        return [
+            (expert - self.base) * w if w != 1 else expert - self.base
+            for expert, w in zip(self.experts, self.weights, strict=True)
+        ]
+
+
+# 2-D tensors that the matrix procedures skip, matched as substrings of the name as
+# FusionBench and ACE do (merge-math.md section 0): CLIP's text projection.
+NON_MATRIX_NAMES: tuple[str, ...] = ("text_projection",)
+
+
+def is_matrix(ctx: TensorContext) -> bool:
+    """Does this tensor go through a method's matrix procedure (merge-math.md section 0)?
+    2-D, and not one of NON_MATRIX_NAMES; everything else follows the method's rule for
+    non-matrix tensors (usually the mean of the task vectors)."""
+    return ctx.base.ndim == 2 and not any(n in ctx.name for n in NON_MATRIX_NAMES)
+
+
+def mean_of_task_vectors(ctx: TensorContext, scale: float = 1.0) -> torch.Tensor:
+    """W0 + scale * mean_t(w_t tau_t): the rule for non-matrix tensors of tsv, iso_c,
+    iso_cts, ace, FusionBench's wudi and regmean (merge-math.md section 0)."""
+    taus = ctx.weighted_task_vectors()
+    total = taus[0]
+    for tau in taus[1:]:
+        total.add_(tau)  # our own temporaries: accumulate in place
+    return ctx.base + total * (scale / len(taus))
 
 
 def tensor_seed(seed: int, tensor_name: str, expert_index: int) -> int:
@@ -66,3 +102,11 @@ class MethodInfo:
     # magnitude cut). The pipeline computes `tensor_stats(tau_t, params)` one expert at a
     # time and passes the list as ctx.extra["stats"] with blocks of rows, in order.
     tensor_stats: Callable[[torch.Tensor, Any], Any] | None = None
+    # Matrix methods (tsv, iso, wudi, ace, regmean, bmm) get whole tensors, in float64 where
+    # the module fits (merge-math.md section 12), on the worker's compute device, and 2-D
+    # weights in nn.Linear layout (d_out x d_in): the pipeline transposes GPT-2 Conv1D
+    # weights before the call and back after it.
+    matrix: bool = False
+    # Whether the job must supply per-expert Grams for these params (e.g. regmean always,
+    # bmm unless its Gram is data-free). The API refuses a job that needs them but names none.
+    needs_grams: Callable[[Any], bool] | None = None
