@@ -85,6 +85,7 @@ def execute_job(job_id: str, store: JobStore, settings: Settings) -> str | None:
         "files": outcome.files,
         "metrics": outcome.metrics,
         "inputs": outcome.inputs,
+        "report": outcome.report,
     }
     store.finish(job_id, "succeeded", result=result)
     return "succeeded"

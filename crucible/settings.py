@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,7 +24,8 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = Field(default=None, description="Local artifact store.")
     # file:// sources are refused unless they lie under one of these folders.
     allowed_local_dirs: list[Path] = Field(default_factory=list)
-    device: str = Field(default="auto", description="auto | cpu | cuda")
+    # Where the merge math runs; storage stays on the CPU. auto: CUDA when there is a GPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     max_experts: int = 32
     list_limit_max: int = 200
     # How often a running job looks at the cancel flag (seconds between database reads).

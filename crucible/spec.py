@@ -12,12 +12,14 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from crucible.methods.overrides import request_params_model
 from crucible.methods.registry import METHODS
 from crucible.sources.uri import SOURCE_SCHEMES, parse_uri
 
 DType = Literal["float32", "float16", "bfloat16"]
+ShapeMismatchPolicy = Literal["fail", "base", "keep_per_expert"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -67,6 +69,15 @@ class ModelRef(_Strict):
 class ExpertRef(ModelRef):
     name: str | None = Field(default=None, max_length=128, description="A label for reports.")
     weight: float = Field(default=1.0, description="Per-expert weight used by the method.")
+    grams: ModelRef | None = Field(
+        default=None,
+        description=(
+            "This expert's per-module input Grams, for data-aware methods (regmean; bmm with "
+            "gram=activations or hybrid): a folder (hf:// or file://) of safetensors whose "
+            "tensor named like a weight (e.g. model.layers.0.mlp.down_proj.weight) is that "
+            "module's G = X^T X / n, d_in x d_in, X the module's inputs on this expert's data."
+        ),
+    )
     dataset: str | None = Field(
         default=None, description="Reserved for data-aware methods (not available yet)."
     )
@@ -132,7 +143,10 @@ def _method_model(name: str) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid"),
         __doc__=info.summary,
         name=(Literal[name], ...),  # type: ignore[valid-type]
-        params=(info.params, Field(default_factory=info.params)),
+        params=(
+            request_params_model(info.params),
+            Field(default_factory=request_params_model(info.params)),
+        ),
     )
 
 
@@ -149,6 +163,15 @@ class MergeSpec(_Strict):
     experts: list[ExpertRef] = Field(min_length=1)
     method: MethodSpec
     output: OutputSpec = Field(default_factory=OutputSpec)
+    shape_mismatch: ShapeMismatchPolicy = Field(
+        default="fail",
+        description=(
+            "Tensors whose shape differs between the base and an expert (task heads, resized "
+            "vocabularies) are never averaged. 'fail': the job fails naming them. 'base': the "
+            "output keeps the base's tensor. 'keep_per_expert': the output keeps the base's "
+            "tensor and each expert's own version is written to per_expert/<expert>.safetensors."
+        ),
+    )
     tuning: dict[str, Any] | None = Field(default=None, description="Reserved: not available yet.")
     webhook: dict[str, Any] | None = Field(default=None, description="Reserved: not available yet.")
 
@@ -158,6 +181,18 @@ class MergeSpec(_Strict):
         if v is not None:
             raise ValueError("not available yet in this version")
         return None
+
+    @model_validator(mode="after")
+    def _grams_present(self) -> MergeSpec:
+        info = METHODS[self.method.name]
+        if info.needs_grams is not None and info.needs_grams(self.method.params):
+            missing = [f"experts[{i}]" for i, e in enumerate(self.experts) if e.grams is None]
+            if missing:
+                raise ValueError(
+                    f"method {self.method.name!r} with these params needs per-expert Grams; "
+                    f"{', '.join(missing)} name no `grams` folder"
+                )
+        return self
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -189,6 +224,11 @@ class JobResult(BaseModel):
     files: list[FileEntry] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     inputs: list[dict[str, Any]] = Field(default_factory=list)
+    report: dict[str, Any] | None = Field(
+        default=None,
+        description="The merge report: per-module diagnostics (solve path, ridge, condition "
+        "estimate, the method's own flags), fallbacks and shape-mismatch handling.",
+    )
 
 
 class JobEvent(BaseModel):

@@ -254,7 +254,51 @@ def test_methods_publish_param_schemas(app_client: TestClient) -> None:
     items = {m["name"]: m for m in app_client.get("/v1/methods").json()["items"]}
     assert {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"} <= set(items)
     density = items["ties"]["params_schema"]["properties"]["density"]
-    assert density["type"] == "number" and "default" in density
+    assert density["default"] == 0.2
+    # A scalar, a list over layers, or {filter, value} rules; the scalar keeps its range.
+    scalar, layers, rules = density["anyOf"]
+    assert scalar == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    assert layers["type"] == "array" and rules["type"] == "array"
+    assert items["ties"]["per_tensor_params"] == ["density", "scale"]
+    assert items["ties"]["matrix"] is False
+
+
+def test_per_tensor_overrides_are_validated_item_by_item(
+    app_client: TestClient, keys: dict
+) -> None:
+    h = _auth(keys["acme"])
+    good = {
+        "density": [0.1, 0.5, 0.9],
+        "scale": [{"filter": "*.mlp.*", "value": 0.5}, {"filter": "re:attn", "value": 2}],
+    }
+    resp = app_client.post(
+        "/v1/merges", json={**SPEC, "method": {"name": "ties", "params": good}}, headers=h
+    )
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["spec"]["method"]["params"]["density"] == [0.1, 0.5, 0.9]
+    cases = [
+        ({"density": [0.1, 2]}, "item 1: Input should be less than or equal to 1"),
+        ({"density": []}, "an empty list gives no value"),
+        ({"density": [0.1, {"filter": "a", "value": 0.2}]}, "mixes numbers and"),
+        ({"scale": [{"filter": "re:(", "value": 1}]}, "bad regular expression"),
+        ({"scale": [{"filter": "*", "value": 1, "x": 2}]}, "Extra inputs are not permitted"),
+    ]
+    for params, message in cases:
+        body = {**SPEC, "method": {"name": "ties", "params": params}}
+        err = _error(app_client.post("/v1/merges", json=body, headers=h), 422, "invalid_request")
+        field = next(iter(params))
+        assert f"method.ties.params.{field}" in err["message"], err
+        assert message in err["message"], err
+
+
+def test_method_needing_grams_without_them_is_422(app_client: TestClient, keys: dict) -> None:
+    body = {**SPEC, "method": {"name": "regmean"}}
+    err = _error(
+        app_client.post("/v1/merges", json=body, headers=_auth(keys["acme"])),
+        422,
+        "invalid_request",
+    )
+    assert "needs per-expert Grams" in err["message"] and "experts[0]" in err["message"]
 
 
 def test_health_and_readiness(app_client: TestClient) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file as load_numpy
 
+import crucible.engine as engine
 import crucible.pipeline as pipeline
 from crucible.methods import ties
 from crucible.settings import Settings
@@ -37,8 +38,8 @@ def test_pipeline_merges_ties_in_blocks_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base, experts = make_gpt2_family(tmp_path / "models", n_experts=3, seed=11)
-    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 1000)
-    assert len(pipeline._row_blocks((256, 64), elementwise=True)) > 1
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1000)
+    assert len(engine.row_blocks((256, 64), blockwise=True)) > 1
     weights = [1.0, 0.5, 2.0]
     spec = MergeSpec.model_validate(
         {
@@ -106,7 +107,7 @@ def test_pipeline_blocks_equal_the_whole_tensor_method(
         }
     )
     settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[tmp_path / "models"])
-    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1000)
     outcome = pipeline.run_merge_job(spec, tmp_path / "out", settings, QuietReporter())
     merged = load_numpy(str(outcome.output_dir / "model.safetensors"))
     w0 = load_numpy(str(base / "model.safetensors"))
@@ -114,7 +115,7 @@ def test_pipeline_blocks_equal_the_whole_tensor_method(
     info = get_method(method)
     blocked = 0
     for name, w in w0.items():
-        blocked += len(pipeline._row_blocks(w.shape, True)) > 1
+        blocked += len(engine.row_blocks(w.shape, True)) > 1
         ctx = TensorContext(
             name=name,
             base=torch.from_numpy(w),

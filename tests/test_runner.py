@@ -167,10 +167,11 @@ def test_elementwise_methods_merge_large_tensors_in_row_blocks(
 ) -> None:
     """With a tiny block size every matrix is merged in many row blocks; the result must
     equal the whole-tensor formula, W0 + scale * sum_t w_t (W_t - W0), in float64."""
+    import crucible.engine as engine
     import crucible.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 1000)
-    assert len(pipeline._row_blocks((256, 64), elementwise=True)) == 18  # 15 rows each
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1000)
+    assert len(engine.row_blocks((256, 64), blockwise=True)) == 18  # 15 rows each
     spec = MergeSpec.model_validate(
         {
             **_spec(family, method="task_arithmetic", dtype="float32"),

@@ -246,7 +246,7 @@ def test_compatible_family_passes(family: tuple[Path, list[Path]], allowed: Path
     base_dir, expert_dirs = family
     base = _resolve(base_dir, [allowed])
     experts = [_resolve(d, [allowed]) for d in expert_dirs]
-    assert check_compatible(base, experts, ["a", "b"]) is None
+    assert check_compatible(base, experts, ["a", "b"]) == {}
     # The experts really are distinct fine-tunes of the base, not copies.
     with TensorReader(base) as rb, TensorReader(experts[0]) as r0, TensorReader(experts[1]) as r1:
         w = "transformer.h.0.attn.c_attn.weight"

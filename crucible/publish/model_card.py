@@ -66,11 +66,13 @@ def render_model_card(
     method: str,
     params: dict[str, Any],
     files: list[dict[str, Any]],
+    report: dict[str, Any] | None = None,
 ) -> str:
     """Render README.md.
 
     inputs: [{"role": "base"|"expert", "name", "uri", "revision", "commit", "weight"}]
     files: [{"path", "sha256", "bytes"}] (the manifest, README excluded).
+    report: the merge report (crucible.report.MergeReport.as_dict()), summarised.
     """
     base_models: list[str] = []
     for item in sorted(inputs, key=lambda i: i.get("role") != "base"):  # base first
@@ -114,6 +116,8 @@ def render_model_card(
             f"| {_cell(item.get('role'))} | {_cell(item.get('name'))} | {_code(item.get('uri'))}"
             f" | {_code(item.get('revision'))} | {_code(item.get('commit'))} | {_cell(weight)} |"
         )
+    if report is not None:
+        lines += ["", *_numerics_section(report)]
     spec_yaml = yaml.safe_dump(_redact(spec), sort_keys=False, allow_unicode=True)
     lines += ["", "## Merge spec", "", _fenced(spec_yaml, "yaml"), "", "## Files", ""]
     if files:
@@ -125,3 +129,28 @@ def render_model_card(
     else:
         lines.append("No files.")
     return "\n".join(lines) + "\n"
+
+
+def _numerics_section(report: dict[str, Any]) -> list[str]:
+    summary = report.get("summary", {})
+    fallbacks = summary.get("fallbacks", [])
+    ill = summary.get("ill_conditioned", [])
+    lines = [
+        "## Numerics",
+        "",
+        f"Computed on `{_cell(report.get('device'))}`. Per-module diagnostics of the method "
+        f"({_cell(summary.get('modules_reported', 0))} modules) are in `merge_report.json`.",
+        "",
+        f"- Modules that needed a fallback solve: {len(fallbacks)}"
+        + (f" ({', '.join(_code(n) for n in fallbacks[:10])})" if fallbacks else ""),
+        f"- Ill-conditioned modules: {len(ill)}"
+        + (f" ({', '.join(_code(n) for n in ill[:10])})" if ill else ""),
+    ]
+    mismatch = report.get("shape_mismatch")
+    if isinstance(mismatch, dict):
+        tensors = mismatch.get("tensors", {})
+        lines.append(
+            f"- Tensors whose shapes differ between models, not merged (policy "
+            f"`{_cell(mismatch.get('policy'))}`): {', '.join(_code(n) for n in list(tensors)[:10])}"
+        )
+    return lines

@@ -35,25 +35,42 @@ def _problems(base: ResolvedModel, expert: ResolvedModel, label: str) -> list[di
     return out
 
 
-def check_compatible(base: ResolvedModel, experts: list[ResolvedModel], labels: list[str]) -> None:
+def check_compatible(
+    base: ResolvedModel,
+    experts: list[ResolvedModel],
+    labels: list[str],
+    *,
+    allow_shape_mismatch: bool = False,
+) -> dict[str, list[int]]:
     """Raise CrucibleError("incompatible_models") unless every expert has exactly the base's
     tensor names, shapes and dtypes.
 
-    The message names the first offending expert and tensor; `detail` lists up to
-    MAX_REPORTED_PROBLEMS problems over all experts and the total count.
+    With `allow_shape_mismatch` (the job's shape_mismatch policy is not 'fail'), differing
+    shapes are not a problem: they are returned as {tensor: [indices of the experts whose
+    shape differs]} for the policy to handle. Missing or extra tensors and dtype differences
+    always fail. The message names the first offending expert and tensor; `detail` lists up
+    to MAX_REPORTED_PROBLEMS problems over all experts and the total count.
     """
     if len(labels) != len(experts):
         raise ValueError(f"{len(experts)} experts but {len(labels)} labels")
     problems: list[dict[str, Any]] = []
-    for expert, label in zip(experts, labels, strict=True):
-        problems.extend(_problems(base, expert, label))
+    mismatched: dict[str, list[int]] = {}
+    for index, (expert, label) in enumerate(zip(experts, labels, strict=True)):
+        for problem in _problems(base, expert, label):
+            if allow_shape_mismatch and problem["kind"] == "shape":
+                mismatched.setdefault(problem["tensor"], []).append(index)
+            else:
+                problems.append(problem)
     if not problems:
-        return
+        return mismatched
     first = problems[0]
     more = f" ({len(problems) - 1} more problems in detail)" if len(problems) > 1 else ""
+    hint = ""
+    if first["kind"] == "shape":
+        hint = "; set shape_mismatch to 'base' or 'keep_per_expert' to keep such tensors unmerged"
     raise CrucibleError(
         "incompatible_models",
         f"expert '{first['expert']}' does not match the base: tensor '{first['tensor']}' is "
-        f"{first['message']}{more}",
+        f"{first['message']}{more}{hint}",
         {"problems": problems[:MAX_REPORTED_PROBLEMS], "total": len(problems)},
     )

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from crucible.methods.overrides import overridable_fields, request_params_model
 from crucible.methods.registry import METHODS
 from crucible.queue import check_broker
 
@@ -18,6 +19,11 @@ class MethodDescription(BaseModel):
     name: str
     summary: str
     needs: list[str]
+    # Whether the method works on whole matrices (tsv, iso, wudi, ace, regmean, bmm) rather
+    # than elementwise on task vectors.
+    matrix: bool
+    # Params that accept per-tensor overrides (a list over layers or {filter, value} rules).
+    per_tensor_params: list[str]
     params_schema: dict[str, Any]
 
 
@@ -34,7 +40,9 @@ def list_methods() -> MethodList:
                 name=m.name,
                 summary=m.summary,
                 needs=sorted(m.needs),
-                params_schema=m.params.model_json_schema(),
+                matrix=m.matrix,
+                per_tensor_params=overridable_fields(m.params),
+                params_schema=request_params_model(m.params).model_json_schema(),
             )
             for m in METHODS.values()
         ]

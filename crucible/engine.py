@@ -1,0 +1,391 @@
+"""The merge stage: every tensor of the base, one at a time, through the method.
+
+Tensors are read with pread, merged on the compute device and written in plan order, so
+memory is bounded by one tensor position across the experts (elementwise methods: one block
+of rows), never by the model.
+
+- Elementwise and tensor-statistics methods (linear, TA, TIES, DARE, breadcrumbs) compute in
+  float32 on blocks of rows.
+- Matrix methods (tsv, iso, wudi, ace, regmean, bmm) get whole tensors in float64 where the
+  module fits (merge-math.md section 12), 2-D weights in nn.Linear layout (GPT-2 Conv1D
+  weights are transposed in and out), the experts' Grams when the job has them, and record
+  per-module diagnostics for the job's report.
+- Non-float tensors are copied from the base; tensors whose shapes differ between the base
+  and an expert follow the job's shape_mismatch policy.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from crucible.errors import CrucibleError
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext
+from crucible.methods.linalg import FLOAT64_MAX_DIM
+from crucible.methods.overrides import count_layers, has_overrides, resolve_params
+from crucible.methods.registry import get_method
+from crucible.publish.writer import ShardedSafetensorsWriter
+from crucible.report import MergeReport
+from crucible.sources.layout import transposed_weights
+from crucible.sources.resolve import ResolvedModel
+from crucible.sources.tensor_reader import TensorReader
+from crucible.spec import MergeSpec
+
+# Floating dtypes by safetensors code; other tensors (int buffers, masks) are copied from base.
+FLOAT_CODES: dict[str, torch.dtype] = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+OUTPUT_CODES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# Elementwise methods compute in float32: exact for fp16/bf16 inputs, and the dtype of the
+# output cast.
+COMPUTE_DTYPE = torch.float32
+# Large tensors are merged in blocks of rows of about this many elements (8 MiB per input
+# in float32), so memory does not grow with the largest tensor (bench/memory.py: 8 Mi
+# elements peaked ~1.2 GB above baseline for TIES, whose blocks hold ~15 temporaries).
+BLOCK_ELEMENTS = 2 * 2**20
+# Matrix methods hold whole tensors: float64 up to this many elements per tensor (512 MiB
+# each), float32 beyond (e.g. a 128k-vocabulary embedding).
+FLOAT64_MAX_ELEMENTS = 64 * 2**20
+PER_EXPERT_DIR = "per_expert"
+
+
+@dataclass
+class MergeInputs:
+    base: ResolvedModel
+    experts: list[ResolvedModel]
+    labels: list[str]
+    # Per expert, its Gram folder when the method uses Grams.
+    grams: list[ResolvedModel] | None = None
+    # Tensor -> indices of the experts whose shape differs from the base's.
+    mismatched: dict[str, list[int]] = field(default_factory=dict)
+
+
+class ProgressSink(Protocol):
+    """What this stage needs of the pipeline's Reporter."""
+
+    def progress(self, done: int, total: int, unit: str) -> None: ...
+    def check_cancelled(self) -> None: ...
+
+
+def row_blocks(shape: tuple[int, ...], blockwise: bool) -> list[tuple[int, int] | None]:
+    """[None] for the whole tensor, or row ranges along dim 0 for blockwise merging."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not blockwise or not shape or shape[0] == 0 or numel <= BLOCK_ELEMENTS:
+        return [None]
+    per_row = numel // shape[0]
+    step = max(1, BLOCK_ELEMENTS // per_row)
+    return [(r, min(shape[0], r + step)) for r in range(0, shape[0], step)]
+
+
+def matrix_dtype(shape: tuple[int, ...]) -> torch.dtype:
+    """float64 where the module fits (d_in <= 8192 and a bounded tensor), else float32."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if (shape and min(shape) > FLOAT64_MAX_DIM) or numel > FLOAT64_MAX_ELEMENTS:
+        return torch.float32
+    return torch.float64
+
+
+def expert_slug(label: str, index: int) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.") or "expert"
+    return f"{index}-{slug}"[:100]
+
+
+class _ParamsFor:
+    """Concrete params per tensor: resolved through the overrides only when the request
+    uses them, so the common case validates once."""
+
+    def __init__(self, spec: MergeSpec, method: MethodInfo, names: list[str]) -> None:
+        self._request = spec.method.params
+        self._cls = method.params
+        self._layers = count_layers(names)
+        self._overrides = has_overrides(self._request, self._cls)
+        self._fixed = (
+            None if self._overrides else self._cls.model_validate(self._request.model_dump())
+        )
+
+    @property
+    def overridden(self) -> bool:
+        return self._overrides
+
+    def __call__(self, name: str) -> MethodParams:
+        if self._fixed is not None:
+            return self._fixed
+        return resolve_params(self._request, self._cls, name, self._layers)
+
+
+def merge_model(
+    spec: MergeSpec,
+    inputs: MergeInputs,
+    staging: Path,
+    reporter: ProgressSink,
+    device: torch.device,
+) -> tuple[dict[str, Any], MergeReport]:
+    """Merge every tensor into sharded safetensors under `staging`; (metrics, report)."""
+    base = inputs.base
+    method = get_method(spec.method.name)
+    weights = [ref.weight for ref in spec.experts]
+    # Base file order keeps reads sequential on disk.
+    file_order = {f: i for i, f in enumerate(base.weight_files)}
+    names = sorted(
+        base.tensors, key=lambda n: (file_order[base.tensors[n].file], base.tensors[n].start)
+    )
+    params_for = _ParamsFor(spec, method, names)
+    transposed = transposed_weights(base.root, names) if method.matrix else frozenset()
+    out_code = OUTPUT_CODES[spec.output.dtype] if spec.output.dtype else None
+
+    def planned_code(code: str) -> str:
+        return out_code if (out_code and code in FLOAT_CODES) else code
+
+    plan = [(n, base.tensors[n].shape, planned_code(base.tensors[n].dtype)) for n in names]
+    writer = ShardedSafetensorsWriter(
+        staging, plan, int(spec.output.shard_size), metadata={"format": "pt"}
+    )
+    per_expert = _per_expert_writers(spec, inputs, names, staging, planned_code)
+    report = MergeReport(method.name, str(device))
+    report.note("overrides", params_for.overridden)
+    if transposed:
+        report.note("transposed_conv1d_weights", len(transposed))
+    if inputs.mismatched:
+        report.note(
+            "shape_mismatch",
+            {
+                "policy": spec.shape_mismatch,
+                "tensors": {
+                    n: [inputs.labels[i] for i in idx] for n, idx in inputs.mismatched.items()
+                },
+            },
+        )
+    total = len(names)
+    started = time.perf_counter()
+    merged_count = 0
+    writers = [writer, *per_expert.values()]
+    try:
+        with ExitStack() as stack:
+            base_reader = stack.enter_context(TensorReader(base))
+            readers = [stack.enter_context(TensorReader(e)) for e in inputs.experts]
+            gram_readers = (
+                [stack.enter_context(TensorReader(g)) for g in inputs.grams]
+                if inputs.grams
+                else None
+            )
+            reporter.progress(0, total, "tensors")
+            for i, name in enumerate(names):
+                reporter.check_cancelled()
+                code = base.tensors[name].dtype
+                if code not in FLOAT_CODES or name in inputs.mismatched:
+                    writer.write(name, base_reader.read(name))
+                    for index, expert_writer in per_expert.items():
+                        if index in inputs.mismatched.get(name, ()):
+                            out = readers[index].read(name)
+                            expert_writer.write(name, out.to(FLOAT_CODES[planned_code(code)]))
+                else:
+                    out_dtype = FLOAT_CODES[planned_code(code)]
+                    params = params_for(name)
+                    if method.matrix:
+                        diagnostics = _merge_matrix(
+                            name, method, params, base_reader, readers, gram_readers,
+                            weights, name in transposed, device, out_dtype, writer,
+                        )  # fmt: skip
+                        report.add_module(name, diagnostics)
+                    else:
+                        _merge_blocks(
+                            name, method, params, base_reader, readers, weights, device,
+                            out_dtype, writer,
+                        )  # fmt: skip
+                    merged_count += 1
+                reporter.progress(i + 1, total, "tensors")
+        for w in writers:
+            w.close()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    seconds = time.perf_counter() - started
+    input_bytes = sum(f.stat().st_size for m in [base, *inputs.experts] for f in m.weight_files)
+    metrics = {
+        "tensors": total,
+        "merged_tensors": merged_count,
+        "merge_seconds": round(seconds, 3),
+        "input_bytes": input_bytes,
+        "device": str(device),
+    }
+    return metrics, report
+
+
+def _per_expert_writers(
+    spec: MergeSpec,
+    inputs: MergeInputs,
+    names: list[str],
+    staging: Path,
+    planned_code: Any,
+) -> dict[int, ShardedSafetensorsWriter]:
+    """keep_per_expert: one writer per expert with differing tensors, in base order."""
+    if spec.shape_mismatch != "keep_per_expert" or not inputs.mismatched:
+        return {}
+    writers: dict[int, ShardedSafetensorsWriter] = {}
+    for index, expert in enumerate(inputs.experts):
+        plan = [
+            (n, expert.tensors[n].shape, planned_code(expert.tensors[n].dtype))
+            for n in names
+            if index in inputs.mismatched.get(n, ())
+        ]
+        if plan:
+            folder = staging / PER_EXPERT_DIR / expert_slug(inputs.labels[index], index)
+            writers[index] = ShardedSafetensorsWriter(
+                folder, plan, int(spec.output.shard_size), metadata={"format": "pt"}
+            )
+    return writers
+
+
+def _check_finite(name: str, merged: torch.Tensor) -> None:
+    if not bool(torch.isfinite(merged).all()):
+        raise CrucibleError(
+            "non_finite",
+            f"the merge of tensor {name!r} produced NaN or infinite values",
+            {"tensor": name},
+        )
+
+
+def _merge_blocks(
+    name: str,
+    method: MethodInfo,
+    params: MethodParams,
+    base_reader: TensorReader,
+    readers: list[TensorReader],
+    weights: list[float],
+    device: torch.device,
+    out_dtype: torch.dtype,
+    writer: ShardedSafetensorsWriter,
+) -> None:
+    shape = base_reader.info(name).shape
+    blockwise = method.elementwise or method.tensor_stats is not None
+    blocks = row_blocks(shape, blockwise)
+    extra: dict[str, Any] = {"shape": shape}
+    if method.tensor_stats is not None and blocks != [None]:
+        extra["stats"] = [
+            method.tensor_stats(task_vector(name, base_reader, r, blocks), params) for r in readers
+        ]
+    for rows in blocks:
+        ctx = TensorContext(
+            name=name,
+            base=base_reader.read(name, rows).to(device=device, dtype=COMPUTE_DTYPE),
+            experts=[r.read(name, rows).to(device=device, dtype=COMPUTE_DTYPE) for r in readers],
+            weights=weights,
+            extra=extra if rows is None else {**extra, "rows": rows},
+        )
+        merged = method.merge(ctx, params)
+        _check_finite(name, merged)
+        writer.write(name, merged.to(device="cpu", dtype=out_dtype), 0 if rows is None else rows[0])
+        del ctx, merged
+
+
+def _merge_matrix(
+    name: str,
+    method: MethodInfo,
+    params: MethodParams,
+    base_reader: TensorReader,
+    readers: list[TensorReader],
+    gram_readers: list[TensorReader] | None,
+    weights: list[float],
+    transposed: bool,
+    device: torch.device,
+    out_dtype: torch.dtype,
+    writer: ShardedSafetensorsWriter,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    shape = base_reader.info(name).shape
+    dtype = matrix_dtype(shape)
+
+    def load(reader: TensorReader) -> torch.Tensor:
+        tensor = reader.read(name).to(device=device, dtype=dtype)
+        return tensor.T if transposed else tensor
+
+    base = load(base_reader)
+    ctx = TensorContext(
+        name=name,
+        base=base,
+        experts=[load(r) for r in readers],
+        weights=weights,
+        extra={"shape": shape},
+        grams=_grams(name, base, gram_readers, device, dtype),
+    )
+    merged = method.merge(ctx, params)
+    if merged.shape != base.shape:
+        raise CrucibleError(
+            "internal",
+            f"method {method.name} returned shape {tuple(merged.shape)} for tensor {name!r} "
+            f"of shape {tuple(base.shape)}",
+            {"tensor": name},
+        )
+    _check_finite(name, merged)
+    if transposed:
+        merged = merged.T
+    writer.write(name, merged.to(device="cpu", dtype=out_dtype).contiguous())
+    diagnostics = dict(ctx.diagnostics)
+    if diagnostics:
+        diagnostics["dtype"] = str(dtype).removeprefix("torch.")
+        if transposed:
+            diagnostics["transposed"] = True
+        diagnostics["seconds"] = round(time.perf_counter() - started, 4)
+    return diagnostics
+
+
+def _grams(
+    name: str,
+    base: torch.Tensor,
+    gram_readers: list[TensorReader] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[torch.Tensor] | None:
+    """Every expert's Gram for this module, or None when any expert has none for it."""
+    if gram_readers is None or base.ndim != 2:
+        return None
+    if not all(name in g.model.tensors for g in gram_readers):
+        return None
+    d_in = base.shape[1]
+    grams = []
+    for index, reader in enumerate(gram_readers):
+        shape = reader.info(name).shape
+        if tuple(shape) != (d_in, d_in):
+            raise CrucibleError(
+                "bad_grams",
+                f"the Gram of expert {index} for {name!r} has shape {list(shape)}; the module "
+                f"takes {d_in} inputs, so its Gram must be [{d_in}, {d_in}]",
+                {"tensor": name, "expert": index, "shape": list(shape)},
+            )
+        gram = reader.read(name).to(device=device, dtype=dtype)
+        if not bool(torch.isfinite(gram).all()):
+            raise CrucibleError(
+                "bad_grams",
+                f"the Gram of expert {index} for {name!r} holds NaN or infinite values",
+                {"tensor": name, "expert": index},
+            )
+        grams.append(gram)
+    return grams
+
+
+def task_vector(
+    name: str, base: TensorReader, expert: TensorReader, blocks: list[tuple[int, int] | None]
+) -> torch.Tensor:
+    """One expert's whole task vector for `name`, flat, assembled block by block (so only
+    it and one block of each input are in memory)."""
+    tau = torch.empty(base.info(name).numel, dtype=COMPUTE_DTYPE)
+    pos = 0
+    for rows in blocks:
+        block = expert.read(name, rows).to(COMPUTE_DTYPE) - base.read(name, rows).to(COMPUTE_DTYPE)
+        tau[pos : pos + block.numel()] = block.reshape(-1)
+        pos += block.numel()
+    return tau
