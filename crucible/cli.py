@@ -157,7 +157,40 @@ def merge(
         console.print(f"[red]{exc.code}: {exc.message}[/]")
         raise typer.Exit(1) from None
     console.print(f"[green]merged model written to {outcome.output_dir}[/]")
+    if outcome.report and (
+        outcome.report["summary"]["fallbacks"] or outcome.report["summary"]["ill_conditioned"]
+    ):
+        console.print(
+            f"[yellow]numerics: see {outcome.output_dir / 'merge_report.json'} "
+            f"(fallbacks: {len(outcome.report['summary']['fallbacks'])}, ill-conditioned: "
+            f"{len(outcome.report['summary']['ill_conditioned'])})[/]"
+        )
     typer.echo(json.dumps(outcome.metrics))
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="Show one method's params in full.")] = None,
+) -> None:
+    """List the merge methods (or one method's params as JSON schema), as GET /v1/methods."""
+    from crucible.methods.overrides import overridable_fields, request_params_model
+    from crucible.methods.registry import METHODS, get_method
+
+    if name is not None:
+        try:
+            info = get_method(name)
+        except KeyError as exc:
+            console.print(f"[red]{exc.args[0]}[/]")
+            raise typer.Exit(2) from None
+        schema = request_params_model(info.params).model_json_schema()
+        typer.echo(json.dumps({"name": info.name, "summary": info.summary,
+                               "needs": sorted(info.needs), "matrix": info.matrix,
+                               "per_tensor_params": overridable_fields(info.params),
+                               "params_schema": schema}, indent=2))  # fmt: skip
+        return
+    for info in METHODS.values():
+        needs = f" [needs: {', '.join(sorted(info.needs))}]" if info.needs else ""
+        typer.echo(f"{info.name:18} {info.summary.split('. ')[0]}{needs}")
 
 
 @keys_app.command("create")

@@ -190,3 +190,82 @@ def test_bad_sources_fail_the_job_with_a_code(
     assert job["status"] == "failed"
     assert job["error"]["code"] == code, job["error"]
     assert needle in job["error"]["message"], job["error"]
+
+
+BMM_PARAMS = {
+    "anchor": "task_arithmetic",
+    "anchor_params": {"scale": 0.5},
+    "gram": "data_free",
+    "rho": 0.5,
+    "scale": 0.9,
+    "alpha": 1.0,
+    "ridge": 0.0,
+}
+CONV1D_SUFFIXES = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
+
+
+def _ref_bmm_data_free(name: str, w0: np.ndarray, ws: list[np.ndarray]) -> np.ndarray:
+    """BMM (merge-math.md section 10.3), data-free Grams, TA anchor, float64, written from
+    the formula: G_t = tau_t^T tau_t / ||tau_t||_F^2, lambda = rho tr(sum G_t) / d_in,
+    tau = (sum tau_t G_t + lambda tau_a)(sum G_t + lambda I)^-1, W = W0 + s tau. GPT-2
+    Conv1D weights are (d_in, d_out): the formula applies to their transpose."""
+    taus = [w.astype(np.float64) - w0.astype(np.float64) for w in ws]
+    anchor = BMM_PARAMS["anchor_params"]["scale"] * sum(taus)
+    if w0.ndim != 2:  # non-matrix tensors come from the anchor
+        return w0 + anchor
+    flip = name.endswith(CONV1D_SUFFIXES)
+    if flip:
+        taus, anchor = [t.T for t in taus], anchor.T
+    grams = [t.T @ t / np.sum(t * t) for t in taus]
+    d_in = taus[0].shape[1]
+    lam = BMM_PARAMS["rho"] * np.trace(sum(grams)) / d_in
+    lhs = sum(grams) + lam * np.eye(d_in)
+    rhs = sum(t @ g for t, g in zip(taus, grams, strict=True)) + lam * anchor
+    tau = np.linalg.solve(lhs.T, rhs.T).T  # rhs @ lhs^-1 without forming the inverse
+    return w0 + BMM_PARAMS["scale"] * (tau.T if flip else tau)
+
+
+def test_data_free_bmm_end_to_end(stack: Stack, hub: dict[str, Any], tmp_path: Path) -> None:
+    """A data-free BMM job through the real service: every tensor against the float64
+    formula (Conv1D orientation included), and the per-module report in the job."""
+    spec = _ties_spec()
+    for expert in spec["experts"]:
+        expert["weight"] = 1.0
+    spec["method"] = {"name": "bmm", "params": BMM_PARAMS}
+    key = stack.crucible("keys", "create", "--tenant", "acme").strip()
+    with stack.client(key) as client:
+        resp = client.post("/v1/merges", json=spec)
+        assert resp.status_code == 202, resp.text
+        job = stack.wait_for_job(client, resp.json()["id"])
+        assert job["status"] == "succeeded", (job, stack.logs())
+        out = tmp_path / "merged"
+        out.mkdir()
+        for entry in job["result"]["files"]:
+            r = client.get(f"/v1/merges/{job['id']}/files/{entry['path']}")
+            assert r.status_code == 200, r.text
+            (out / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (out / entry["path"]).write_bytes(r.content)
+    merged: dict[str, np.ndarray] = {}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        merged.update(load_numpy(str(out / shard)))
+    base = load_numpy(str(hub["base"] / "model.safetensors"))
+    experts = [load_numpy(str(d / "model.safetensors")) for d in hub["experts"]]
+    for name, w0 in base.items():
+        expected = _ref_bmm_data_free(name, w0, [e[name] for e in experts])
+        np.testing.assert_allclose(merged[name], expected, rtol=1e-4, atol=1e-5, err_msg=name)
+
+    report = job["result"]["report"]
+    assert report == json.loads((out / "merge_report.json").read_text())
+    modules = {m["tensor"]: m for m in report["modules"]}
+    matrices = [n for n, w in base.items() if w.ndim == 2]
+    assert set(matrices) <= set(modules)
+    c_fc = next(n for n in matrices if n.endswith("mlp.c_fc.weight"))
+    assert modules[c_fc]["transposed"] is True and modules[c_fc]["dtype"] == "float64"
+    assert report["summary"]["fallbacks"] == []
+    assert "## Numerics" in (out / "README.md").read_text()
