@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Test-only tools in side venvs: olah (the Hub stand-in) pins packages of its own, and
-# mergekit 0.1.5 is the reference implementation the method tests compare against.
+# mergekit 0.1.5 is the reference implementation the method tests compare against;
+# FusionBench 0.2.33 (its own pins too) is the reference for tsv, iso_c, iso_cts and wudi.
 .venv-olah/.installed:
 	$(PYTHON) -m venv .venv-olah
 	.venv-olah/bin/pip install $(PIP_FLAGS) olah
@@ -22,9 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	.venv-mergekit/bin/pip install $(PIP_FLAGS) torch==2.13.0 mergekit==0.1.5
 	touch $@
 
+.venv-fusionbench/.installed:
+	$(PYTHON) -m venv .venv-fusionbench
+	.venv-fusionbench/bin/pip install $(PIP_FLAGS) torch==2.13.0 fusion-bench==0.2.33
+	touch $@
+
 setup: $(VENV)/.installed
 
-test-deps: setup .venv-olah/.installed .venv-mergekit/.installed
+test-deps: setup .venv-olah/.installed .venv-mergekit/.installed .venv-fusionbench/.installed
 
 demo: setup
 	$(VENV)/bin/python scripts/demo.py

@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 from memory import CACHE, generate, run_child
 

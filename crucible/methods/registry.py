@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from crucible.methods import dare_linear, dare_ties, linear, task_arithmetic, ties
+from crucible.methods import (
+    ace,
+    bmm,
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    iso_c,
+    iso_cts,
+    linear,
+    regmean,
+    task_arithmetic,
+    ties,
+    tsv,
+    wudi,
+)
 from crucible.methods.base import MethodInfo
 
 METHODS: dict[str, MethodInfo] = {
-    m.METHOD.name: m.METHOD for m in (linear, task_arithmetic, ties, dare_linear, dare_ties)
+    m.METHOD.name: m.METHOD
+    for m in (
+        linear,
+        task_arithmetic,
+        ties,
+        dare_linear,
+        dare_ties,
+        breadcrumbs,
+        breadcrumbs_ties,
+        tsv,
+        iso_c,
+        iso_cts,
+        wudi,
+        regmean,
+        ace,
+        bmm,
+    )
 }
 
 

@@ -92,8 +92,15 @@ def cut_from_magnitudes(mag: torch.Tensor, density: float) -> MagnitudeCut | Non
     n = mag.numel()
     if density >= 1 or n == 0:
         return None
-    k = max(1, int(density * n))  # int() truncates exactly as mergekit's does
-    if k >= n:
+    return cut_keeping(mag, max(1, int(density * n)))  # int() truncates as mergekit's does
+
+
+def cut_keeping(mag: torch.Tensor, k: int) -> MagnitudeCut | None:
+    """The cut keeping exactly the k >= 1 largest of a flat tensor of magnitudes (entries
+    tied with the k-th largest in flat order); None when k >= numel (all are kept)."""
+    if k < 1:
+        raise ValueError(f"a magnitude cut keeps at least one entry, not {k}")
+    if k >= mag.numel():
         return None
     threshold = kth_largest(mag, k)
     return MagnitudeCut(threshold, k - _count(mag > threshold))
@@ -180,6 +187,14 @@ def apply_cut(tau: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
 
     if cut is None:
         return tau
+    return torch.where(keep_mask(tau, cut), tau, 0.0)
+
+
+def keep_mask(tau: torch.Tensor, cut: MagnitudeCut) -> torch.Tensor:
+    """The entries of `tau` (a whole tensor, or the next block of rows) that `cut` keeps,
+    as a bool tensor of tau's shape; spends the cut's room on entries at the threshold."""
+    import torch
+
     mag = tau.abs()
     keep = mag > cut.threshold
     at_threshold = (mag == cut.threshold).reshape(-1)
@@ -189,7 +204,7 @@ def apply_cut(tau: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
         at_threshold &= torch.cumsum(at_threshold, dim=0) <= cut.room
     cut.room -= min(ties, cut.room)
     keep |= at_threshold.reshape(tau.shape)
-    return torch.where(keep, tau, 0.0)
+    return keep
 
 
 def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:

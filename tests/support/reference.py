@@ -87,3 +87,62 @@ def ref_ties(
 ) -> np.ndarray:
     trimmed = [ref_trim(e - base, density) for e in experts]
     return ref_elect_merge(base, trimmed, weights, majority_sign, normalize, scale)
+
+
+def ref_outlier_trim(tau: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """mergekit's magnitude_outliers as its docstring and merge-math section 4 state it:
+    n = int(density * N) survive, n_top = int(gamma * N), n_bot = max(0, N - n - n_top);
+    in ascending order of |tau| the entries at positions n_bot .. n_bot + n - 1 survive.
+    Equal magnitudes rank the higher flat index as smaller (so, from the top, the lower
+    index first, as ref_trim)."""
+    if density >= 1:
+        return tau.copy()
+    flat = tau.reshape(-1)
+    size = flat.size
+    n = int(density * size)
+    n_top = int(gamma * size)
+    n_bot = max(0, size - n - n_top)
+    ascending = sorted(range(size), key=lambda i: (abs(flat[i]), -i))
+    out = np.zeros_like(flat)
+    for i in ascending[n_bot : n_bot + n]:
+        out[i] = flat[i]
+    return out.reshape(tau.shape)
+
+
+def ref_breadcrumbs(
+    base: np.ndarray,
+    experts: list[np.ndarray],
+    weights: list[float],
+    density: float,
+    gamma: float,
+    normalize: bool,
+    scale: float,
+) -> np.ndarray:
+    """Sparsify each task vector (ref_outlier_trim), then task arithmetic, coordinate by
+    coordinate: W0 + scale * sum_t w_t delta_t [/ sum_t w_t unless that is below 1e-8]."""
+    deltas = [ref_outlier_trim(e - base, density, gamma).reshape(-1) for e in experts]
+    flat_base = base.reshape(-1)
+    total = sum(weights)
+    out = np.empty_like(flat_base)
+    for j in range(flat_base.size):
+        merged = 0.0
+        for d, w in zip(deltas, weights, strict=True):
+            merged += w * d[j]
+        if normalize and abs(total) >= 1e-8:
+            merged /= total
+        out[j] = flat_base[j] + scale * merged
+    return out.reshape(base.shape)
+
+
+def ref_breadcrumbs_ties(
+    base: np.ndarray,
+    experts: list[np.ndarray],
+    weights: list[float],
+    density: float,
+    gamma: float,
+    majority_sign: str,
+    normalize: bool,
+    scale: float,
+) -> np.ndarray:
+    trimmed = [ref_outlier_trim(e - base, density, gamma) for e in experts]
+    return ref_elect_merge(base, trimmed, weights, majority_sign, normalize, scale)
