@@ -10,11 +10,14 @@ Torch is imported inside functions only: the API imports the methods package.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 # Eigenvalues below this fraction of the largest are treated as zero by the pseudo-inverse.
 PINV_RTOL = 1e-10
@@ -134,7 +137,10 @@ def polar(m: torch.Tensor) -> torch.Tensor:
 
 
 def note_conditioning(diag: dict[str, Any]) -> None:
-    """Mark a module whose condition estimate is past ILL_CONDITIONED, for the report."""
+    """Mark a module whose condition estimate is past ILL_CONDITIONED, for the report, and
+    log every fallback (the module's name is added by the engine's report)."""
     cond = diag.get("cond")
     if isinstance(cond, float) and (not math.isfinite(cond) or cond > ILL_CONDITIONED):
         diag["ill_conditioned"] = True
+    if "fallback" in diag:
+        log.warning("solve fallback (%s): %s; cond ~ %s", diag.get("solve"), diag["fallback"], cond)
