@@ -49,15 +49,18 @@ def solve_right_spd(
 ) -> torch.Tensor:
     """X = B (A + r I)^{-1} for symmetric PSD A (d x d) and B (m x d), r = relative ridge.
 
-    Cholesky first; on failure 10x the ridge; then an eigh pseudo-inverse that drops
-    eigenvalues below PINV_RTOL * max. Records `solve`, `ridge` (the absolute ridge used),
+    Cholesky first; on failure 10x the ridge (when a ridge was asked for: with ridge 0 a
+    tiny retry ridge would give huge pivots and an inaccurate answer); then an eigh
+    pseudo-inverse that drops eigenvalues below PINV_RTOL * max, the minimum-norm
+    solution. Records `solve`, `ridge` (the absolute ridge used),
     `ridge_eps` and `cond` (an estimate) in `diag`.
     """
     import torch
 
     a = (a + a.T) / 2  # symmetric to the last bit, as Cholesky and eigh assume
     eps = ridge_eps
-    for attempt in ("cholesky", "cholesky_ridge_x10"):
+    attempts = ("cholesky", "cholesky_ridge_x10") if ridge_eps > 0 else ("cholesky",)
+    for attempt in attempts:
         ridge = relative_ridge(a, eps) if eps > 0 else 0.0
         factor, info = torch.linalg.cholesky_ex(_add_to_diagonal(a, ridge))
         if int(info) == 0:
@@ -73,8 +76,8 @@ def solve_right_spd(
                 diag["fallback"] = "Cholesky failed at the requested ridge; used 10x the ridge"
             note_conditioning(diag)
             return x_t.T
-        eps = max(eps * 10, 1e-12)
-    # Cholesky failed twice: eigendecomposition pseudo-inverse (never an explicit inverse).
+        eps *= 10
+    # Cholesky failed: eigendecomposition pseudo-inverse (never an explicit inverse).
     ridge = relative_ridge(a, ridge_eps) if ridge_eps > 0 else 0.0
     evals, evecs = torch.linalg.eigh(_add_to_diagonal(a, ridge))
     top = float(evals.abs().max()) if evals.numel() else 0.0
@@ -88,7 +91,7 @@ def solve_right_spd(
         ridge_eps=ridge_eps,
         cond=float(kept.max() / kept.min()) if kept.numel() else math.inf,
         rank=int(keep.sum()),
-        fallback="Cholesky failed twice; eigendecomposition pseudo-inverse",
+        fallback="Cholesky failed; eigendecomposition pseudo-inverse",
     )
     note_conditioning(diag)
     return x
