@@ -12,6 +12,7 @@ import base64
 import hashlib
 import re
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from crucible.spec import (
@@ -139,6 +140,22 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def _set_wal(cursor: Any) -> None:
+    """PRAGMA journal_mode = WAL, retried: on a fresh file two processes that both hold a
+    shared lock and both want the exclusive one deadlock, and SQLite then answers one of
+    them "database is locked" at once, without its busy handler (seen with two workers
+    starting together under load)."""
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -160,7 +177,7 @@ def make_engine(url: str) -> Engine:
             # busy_timeout first: switching to WAL needs a lock another process may hold.
             cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
             # WAL lets the API read while the worker writes, across processes.
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
@@ -216,6 +233,18 @@ class JobStore(ApiKeyMixin):
 
     def migrate(self) -> None:
         """Upgrade to the newest schema; two processes starting at once is fine."""
+        for attempt in range(3):
+            try:
+                self._migrate_once()
+                return
+            except OperationalError as exc:
+                # SQLite can refuse a lock upgrade at once (deadlock avoidance) instead of
+                # waiting; the migration is one transaction, so it is safe to run again.
+                if self.dialect != "sqlite" or "locked" not in str(exc) or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def _migrate_once(self) -> None:
         with self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 # BEGIN IMMEDIATE: the second process waits for the first one's whole
