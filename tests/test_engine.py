@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from safetensors.numpy import load_file, save_file
 
 from crucible.errors import CrucibleError
+from crucible.methods.registry import METHODS
 from crucible.pipeline import run_merge_job
 from crucible.report import REPORT_FILE
 from crucible.settings import Settings
@@ -216,3 +217,45 @@ def test_device_setting(tmp_path: Path, headed_family: tuple[Path, list[Path]]) 
         with pytest.raises(CrucibleError) as info:
             run_merge_job(spec, tmp_path / "g", _settings(tmp_path, device="cuda"), QuietReporter())
         assert info.value.code == "device_unavailable"
+
+
+def _method_context(name: str, dtype: Any, device: Any) -> Any:
+    import torch
+
+    from crucible.methods.base import TensorContext
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    experts = [base + 0.1 * torch.randn(12, 9, generator=g, dtype=torch.float64) for _ in range(3)]
+    xs = [torch.randn(40, 9, generator=g, dtype=torch.float64) for _ in range(3)]
+    grams = [x.T @ x / 40 for x in xs]
+    return TensorContext(
+        name=name,
+        base=base.to(device=device, dtype=dtype),
+        experts=[e.to(device=device, dtype=dtype) for e in experts],
+        weights=[1.0, 0.8, 0.6],
+        grams=[gm.to(device=device, dtype=dtype) for gm in grams],
+    )
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_on_the_compute_device(method: str) -> None:
+    """Each method on the worker's compute device (CUDA where this machine has a GPU, the
+    CPU otherwise) returns a tensor on that device, in the input dtype, equal to the CPU
+    float64 result; float32 inputs stay float32."""
+    import torch
+
+    from crucible.device import compute_device
+    from crucible.methods.registry import get_method
+
+    info = get_method(method)
+    params = info.params()
+    device = compute_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    reference = info.merge(_method_context("h.0.mlp.w", torch.float64, "cpu"), params)
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
+        out = info.merge(_method_context("h.0.mlp.w", dtype, device), params)
+        assert out.device.type == device.type and out.dtype == dtype
+        np.testing.assert_allclose(
+            out.cpu().double().numpy(), reference.numpy(), rtol=tol, atol=tol, err_msg=method
+        )
