@@ -32,14 +32,13 @@ from crucible.methods.registry import METHODS
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
 from tests.support.mergekit_runner import (
-    MergekitUnavailable,
     MergeRun,
-    gpt2_tensor_shapes,
-    mergekit_executables,
+    ParityModels,
+    crucible_merge,
+    parity_models,
+    require_mergekit,
     run_mergekit_gta_tensors,
     run_mergekit_yaml_many,
-    tiny_gpt2_config,
-    write_model,
 )
 from tests.support.reference import ref_breadcrumbs, ref_breadcrumbs_ties, ref_outlier_trim
 from tests.support.reporters import QuietReporter
@@ -393,16 +392,19 @@ CASES: dict[str, Case] = {
 COUNT_DENSITY_GAMMA = (0.4, 0.0)
 
 
-@dataclass
-class Models:
-    base_dir: Path
-    expert_dirs: list[Path]
-    base: dict[str, torch.Tensor]
-    experts: list[dict[str, torch.Tensor]]
+def _distinct_at_breadcrumbs_cuts(name: str, mags: torch.Tensor) -> None:
+    cuts = {(c.ours["density"], c.ours.get("gamma", 0.01)) for c in CASES.values()}
+    cuts.add(COUNT_DENSITY_GAMMA)
+    for density, gamma in cuts:
+        if density >= 1:
+            continue
+        for rank in cut_ranks(mags.numel(), density, gamma):
+            if 0 < rank < mags.numel():
+                assert mags[rank - 1] != mags[rank] or mags[rank - 1] == 0, name
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+def models(tmp_path_factory: pytest.TempPathFactory) -> ParityModels:
     """Three experts of a tiny float32 GPT-2 (embeddings, Conv1D weights, biases, norms).
 
     mergekit ranks with an unstable sort and breaks magnitude ties arbitrarily; Crucible
@@ -413,54 +415,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     vectors of 32 to 4096 entries equal magnitudes at a cut do not occur; the assertion
     proves it for this data. Both sides rank the same float32 magnitudes (mergekit casts
     CPU magnitudes to float32; the inputs are float32)."""
-    root = tmp_path_factory.mktemp("breadcrumbs_models")
-    config = tiny_gpt2_config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
-    g = torch.Generator().manual_seed(20240611)
-    base = {
-        name: 0.2 * torch.randn(shape, generator=g)
-        for name, shape in gpt2_tensor_shapes(config).items()
-    }
-    experts = [
-        {name: w + 0.05 * torch.randn(w.shape, generator=g) for name, w in base.items()}
-        for _ in range(3)
-    ]
-    # One zero task vector (all magnitudes tie, at 0) and exactly opposite task vectors.
-    experts[2]["transformer.ln_f.bias"] = base["transformer.ln_f.bias"].clone()
-    bias = "transformer.h.0.attn.c_proj.bias"
-    experts[1][bias] = base[bias] - (experts[0][bias] - base[bias])
-
-    cuts = {(c.ours["density"], c.ours.get("gamma", 0.01)) for c in CASES.values()}
-    cuts.add(COUNT_DENSITY_GAMMA)
-    for expert in experts:
-        for name, w in base.items():
-            mags = (expert[name] - w).abs().reshape(-1).sort(descending=True).values
-            for density, gamma in cuts:
-                if density >= 1:
-                    continue
-                for rank in cut_ranks(mags.numel(), density, gamma):
-                    if 0 < rank < mags.numel():
-                        assert mags[rank - 1] != mags[rank] or mags[rank - 1] == 0, name
-
-    base_dir = write_model(root / "base", base, config)
-    expert_dirs = [write_model(root / f"expert{i}", e, config) for i, e in enumerate(experts)]
-    return Models(base_dir, expert_dirs, base, experts)
-
-
-def _require_mergekit() -> None:
-    try:
-        mergekit_executables()
-    except MergekitUnavailable as exc:
-        message = str(exc)
-    else:
-        return
-    pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback noise
+    return parity_models(
+        tmp_path_factory.mktemp("breadcrumbs_models"), 20240611, _distinct_at_breadcrumbs_cuts
+    )
 
 
 @pytest.fixture(scope="module")
 def mergekit_outputs(
-    models: Models, tmp_path_factory: pytest.TempPathFactory
+    models: ParityModels, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, dict[str, torch.Tensor]]:
-    _require_mergekit()
+    require_mergekit()
     runs = {
         key: MergeRun(
             method=case.method,
@@ -475,25 +439,14 @@ def mergekit_outputs(
     return run_mergekit_yaml_many(runs, tmp_path_factory.mktemp("breadcrumbs_runs"))
 
 
-def _crucible(
-    models: Models, method: str, params: dict[str, Any], weights: list[float]
-) -> dict[str, torch.Tensor]:
-    info = METHODS[method]
-    p = info.params(**params)
-    return {
-        name: info.merge(TensorContext(name, base, [e[name] for e in models.experts], weights), p)
-        for name, base in models.base.items()
-    }
-
-
 @pytest.mark.parametrize("key", list(CASES))
 def test_matches_mergekit_yaml(
-    key: str, models: Models, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
+    key: str, models: ParityModels, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
 ) -> None:
     case = CASES[key]
     theirs = mergekit_outputs[key]
     assert set(theirs) == set(models.base), "mergekit wrote a different set of tensors"
-    ours = _crucible(models, case.method, case.ours, case.weights)
+    ours = crucible_merge(models, case.method, case.ours, case.weights)
     moved = 0.0
     for name, base in models.base.items():
         assert ours[name].dtype == torch.float32 and ours[name].shape == base.shape
@@ -505,7 +458,7 @@ def test_matches_mergekit_yaml(
 
 
 def test_outlier_removal_took_effect_in_both(
-    models: Models, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
+    models: ParityModels, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
 ) -> None:
     """The cases must exercise what they claim: gamma 0.01 vs 0 changes the large tensors
     (n_top = int(0.01 * N) > 0 from 100 entries), and at density 0.02 the small vectors of
@@ -526,13 +479,13 @@ def test_outlier_removal_took_effect_in_both(
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_breadcrumbs_ties_count_consensus_matches_mergekit_code(
-    models: Models, tmp_path: Path, normalize: bool
+    models: ParityModels, tmp_path: Path, normalize: bool
 ) -> None:
     """mergekit-yaml wires breadcrumbs_ties to the 'sum' consensus, so mergekit's own
     per-tensor merge is called with 'count' and magnitude_outliers directly. That call does
     not pass gamma, and mergekit's sparsify() then uses gamma 0 (its YAML default, 0.01,
     is not applied): the outlier cut itself is covered by the YAML cases above."""
-    _require_mergekit()
+    require_mergekit()
     density, gamma = COUNT_DENSITY_GAMMA
     theirs = run_mergekit_gta_tensors(
         models.base,
@@ -552,8 +505,10 @@ def test_breadcrumbs_ties_count_consensus_matches_mergekit_code(
         "normalize": normalize,
         "scale": 0.9,
     }
-    ours = _crucible(models, "breadcrumbs_ties", params, NEG_WEIGHTS)
-    total = _crucible(models, "breadcrumbs_ties", params | {"majority_sign": "total"}, NEG_WEIGHTS)
+    ours = crucible_merge(models, "breadcrumbs_ties", params, NEG_WEIGHTS)
+    total = crucible_merge(
+        models, "breadcrumbs_ties", params | {"majority_sign": "total"}, NEG_WEIGHTS
+    )
     differs = 0
     for name in models.base:
         torch.testing.assert_close(

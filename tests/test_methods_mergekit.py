@@ -17,17 +17,14 @@ from typing import Any
 import pytest
 import torch
 
-from crucible.methods.base import TensorContext
-from crucible.methods.registry import METHODS
 from tests.support.mergekit_runner import (
-    MergekitUnavailable,
     MergeRun,
-    gpt2_tensor_shapes,
-    mergekit_executables,
+    ParityModels,
+    crucible_merge,
+    parity_models,
+    require_mergekit,
     run_mergekit_gta_tensors,
     run_mergekit_yaml_many,
-    tiny_gpt2_config,
-    write_model,
 )
 
 # fp32 outputs are O(1); both sides do the same operations in the same order up to summation
@@ -77,62 +74,27 @@ CASES: dict[str, Case] = {
 }
 
 
-@dataclass
-class Models:
-    base_dir: Path
-    expert_dirs: list[Path]
-    base: dict[str, torch.Tensor]
-    experts: list[dict[str, torch.Tensor]]
+def _distinct_at_ties_cuts(name: str, mags: torch.Tensor) -> None:
+    # TIES keeps exactly k entries; mergekit breaks magnitude ties arbitrarily, Crucible by
+    # index. Distinct magnitudes at each cut used here make parity independent of that.
+    for density in TIES_DENSITIES:
+        k = max(1, int(density * mags.numel()))
+        # (A tie among zeros is harmless: a kept zero is still zero.)
+        assert k == mags.numel() or mags[k - 1] != mags[k] or mags[k] == 0, name
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    root = tmp_path_factory.mktemp("mergekit_models")
-    config = tiny_gpt2_config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
-    shapes = gpt2_tensor_shapes(config)
-    g = torch.Generator().manual_seed(20240605)
-    base = {name: 0.2 * torch.randn(shape, generator=g) for name, shape in shapes.items()}
-    experts = []
-    for _ in range(3):
-        experts.append(
-            {name: w + 0.05 * torch.randn(w.shape, generator=g) for name, w in base.items()}
-        )
-    # One zero task vector: zeros never win a sign election and never count in a divisor.
-    experts[2]["transformer.ln_f.bias"] = base["transformer.ln_f.bias"].clone()
-    # Exact opposite task vectors: the elected sign then depends on the weights alone.
-    bias = "transformer.h.0.attn.c_proj.bias"
-    experts[1][bias] = base[bias] - (experts[0][bias] - base[bias])
-
-    # TIES keeps exactly k entries; mergekit breaks magnitude ties arbitrarily, Crucible by
-    # index. Distinct magnitudes at each cut used here make parity independent of that.
-    for expert in experts:
-        for name, w in base.items():
-            mags = (expert[name] - w).abs().reshape(-1).sort(descending=True).values
-            for density in TIES_DENSITIES:
-                k = max(1, int(density * mags.numel()))
-                # (A tie among zeros is harmless: a kept zero is still zero.)
-                assert k == mags.numel() or mags[k - 1] != mags[k] or mags[k] == 0, name
-
-    base_dir = write_model(root / "base", base, config)
-    expert_dirs = [write_model(root / f"expert{i}", e, config) for i, e in enumerate(experts)]
-    return Models(base_dir, expert_dirs, base, experts)
-
-
-def _require_mergekit() -> None:
-    try:
-        mergekit_executables()
-    except MergekitUnavailable as exc:
-        message = str(exc)
-    else:
-        return
-    pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback noise
+def models(tmp_path_factory: pytest.TempPathFactory) -> ParityModels:
+    return parity_models(
+        tmp_path_factory.mktemp("mergekit_models"), 20240605, _distinct_at_ties_cuts
+    )
 
 
 @pytest.fixture(scope="module")
 def mergekit_outputs(
-    models: Models, tmp_path_factory: pytest.TempPathFactory
+    models: ParityModels, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, dict[str, torch.Tensor]]:
-    _require_mergekit()
+    require_mergekit()
     runs = {
         key: MergeRun(
             method=case.method,
@@ -148,29 +110,17 @@ def mergekit_outputs(
 
 
 def test_mergekit_venv_is_installed() -> None:
-    _require_mergekit()
-
-
-def _crucible(
-    models: Models, method: str, params: dict[str, Any], weights: list[float]
-) -> dict[str, torch.Tensor]:
-    info = METHODS[method]
-    p = info.params(**params)
-    out: dict[str, torch.Tensor] = {}
-    for name, base in models.base.items():
-        ctx = TensorContext(name, base, [e[name] for e in models.experts], list(weights))
-        out[name] = info.merge(ctx, p)
-    return out
+    require_mergekit()
 
 
 @pytest.mark.parametrize("key", list(CASES))
 def test_matches_mergekit_yaml(
-    key: str, models: Models, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
+    key: str, models: ParityModels, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
 ) -> None:
     case = CASES[key]
     theirs = mergekit_outputs[key]
     assert set(theirs) == set(models.base), "mergekit wrote a different set of tensors"
-    ours = _crucible(models, case.method, case.ours, case.weights)
+    ours = crucible_merge(models, case.method, case.ours, case.weights)
     moved = 0.0
     for name, base in models.base.items():
         assert ours[name].dtype == torch.float32 and ours[name].shape == base.shape
@@ -183,7 +133,7 @@ def test_matches_mergekit_yaml(
 
 
 def test_ties_trim_took_effect_in_both(
-    models: Models, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
+    models: ParityModels, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
 ) -> None:
     """At density 0.3 an entry stays at W0 when all three experts' entries were trimmed
     (about 0.7^3 = 34%); at density 1 almost none do. Guards against a parity test that
@@ -199,11 +149,11 @@ def test_ties_trim_took_effect_in_both(
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_ties_count_consensus_matches_mergekit_code(
-    models: Models, tmp_path: Path, normalize: bool
+    models: ParityModels, tmp_path: Path, normalize: bool
 ) -> None:
     """mergekit-yaml 0.1.5 cannot select the 'count' consensus (ties is wired to 'sum'), so
     mergekit's own per-tensor merge is called with it directly."""
-    _require_mergekit()
+    require_mergekit()
     theirs = run_mergekit_gta_tensors(
         models.base,
         models.experts,
@@ -216,8 +166,8 @@ def test_ties_count_consensus_matches_mergekit_code(
         workdir=tmp_path,
     )
     params = {"density": 0.4, "majority_sign": "count", "normalize": normalize, "scale": 0.9}
-    ours = _crucible(models, "ties", params, NEG_WEIGHTS)
-    total = _crucible(models, "ties", params | {"majority_sign": "total"}, NEG_WEIGHTS)
+    ours = crucible_merge(models, "ties", params, NEG_WEIGHTS)
+    total = crucible_merge(models, "ties", params | {"majority_sign": "total"}, NEG_WEIGHTS)
     differs = 0
     for name in models.base:
         torch.testing.assert_close(
@@ -229,7 +179,7 @@ def test_ties_count_consensus_matches_mergekit_code(
 
 
 def test_ties_total_via_mergekit_code_agrees_with_yaml(
-    models: Models, tmp_path: Path, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
+    models: ParityModels, tmp_path: Path, mergekit_outputs: dict[str, dict[str, torch.Tensor]]
 ) -> None:
     """The direct call above is trustworthy only if it reproduces mergekit-yaml."""
     direct = run_mergekit_gta_tensors(

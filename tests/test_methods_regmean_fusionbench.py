@@ -22,9 +22,8 @@ import torch
 from crucible.methods.base import TensorContext
 from crucible.methods.regmean import Params, merge
 from tests.support.fusionbench_runner import (
-    FusionbenchUnavailable,
-    fusionbench_python,
     regmean_job,
+    require_fusionbench,
     run_fusionbench,
 )
 
@@ -54,10 +53,7 @@ def _inputs(
 
 @pytest.fixture(scope="module")
 def theirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
-    try:
-        fusionbench_python()
-    except FusionbenchUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
+    require_fusionbench()
     jobs = {}
     for name, (_, _, _, alpha) in CASES.items():
         _, ws, grams, _, bs = _inputs(name)

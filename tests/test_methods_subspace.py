@@ -42,12 +42,11 @@ from crucible.methods import iso_c, iso_cts, tsv, wudi
 from crucible.methods.base import TensorContext
 from crucible.methods.registry import METHODS
 from tests.support.fusionbench_runner import (
-    FusionbenchUnavailable,
     Job,
-    fusionbench_python,
     iso_c_job,
     iso_cts_job,
     regmean_job,
+    require_fusionbench,
     run_fusionbench,
     tsvm_job,
     wudi_job,
@@ -712,16 +711,6 @@ FB_REL64 = 1e-11
 FB_REL32 = 2e-5
 
 
-def _require_fusionbench() -> None:
-    try:
-        fusionbench_python()
-    except FusionbenchUnavailable as exc:
-        message = str(exc)
-    else:
-        return
-    pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback noise
-
-
 def fb_inputs(
     n_tasks: int, variant: int
 ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
@@ -762,7 +751,7 @@ def regmean_inputs() -> tuple[dict[str, list[torch.Tensor]], list[dict[str, torc
 @pytest.fixture(scope="module")
 def fusionbench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
     """Every FusionBench run of this module, in one process (importing it takes seconds)."""
-    _require_fusionbench()
+    require_fusionbench()
     jobs: dict[str, Job] = {}
     for n_tasks in (2, 3):
         base, experts = fb_inputs(n_tasks, F64)

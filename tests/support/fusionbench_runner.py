@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests.support.side_venv import checked_python, reference_env, require
+
 if TYPE_CHECKING:
     import torch
 
@@ -80,29 +82,19 @@ def fusionbench_venv() -> Path:
 
 def fusionbench_python() -> Path:
     """The venv's python, checked to have fusion-bench 0.2.33 (importable)."""
-    venv = fusionbench_venv()
-    python = venv / "bin" / "python"
-    if not python.exists():
-        raise FusionbenchUnavailable(f"no {python}.\n{INSTALL_HINT}")
-    probe = subprocess.run(
-        [
-            str(python),
-            "-c",
-            "import importlib.metadata as m, importlib.util as u; "
-            "assert u.find_spec('fusion_bench'), 'fusion_bench is not importable'; "
-            "print(m.version('fusion-bench'))",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return checked_python(
+        fusionbench_venv(),
+        "fusion-bench",
+        FUSIONBENCH_VERSION,
+        INSTALL_HINT,
+        FusionbenchUnavailable,
+        module="fusion_bench",
     )
-    version = probe.stdout.strip()
-    if probe.returncode != 0 or version != FUSIONBENCH_VERSION:
-        raise FusionbenchUnavailable(
-            f"{venv} has fusion-bench {version or '(none)'}, need {FUSIONBENCH_VERSION}: "
-            f"{probe.stderr[-2000:]}\n{INSTALL_HINT}"
-        )
-    return python
+
+
+def require_fusionbench() -> None:
+    """Fail (never skip) the calling test when the FusionBench venv is missing."""
+    require(fusionbench_python, FusionbenchUnavailable)
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -251,19 +243,6 @@ _DRIVER = textwrap.dedent(
 )
 
 
-def _env() -> dict[str, str]:
-    # CPU only, no network, one thread (the test machines have two cores).
-    return {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-
-
 def run_fusionbench(
     jobs: Mapping[str, Job], workdir: Path, *, timeout: float = 600
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -309,7 +288,7 @@ def run_fusionbench(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env=reference_env(),
         cwd=workdir,
     )
     if done.returncode != 0:

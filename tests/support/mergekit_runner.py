@@ -14,13 +14,15 @@ import json
 import os
 import subprocess
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from tests.support.side_venv import checked_python, reference_env, require
 
 if TYPE_CHECKING:
     import torch
@@ -51,34 +53,16 @@ def mergekit_venv() -> Path:
 def mergekit_executables() -> tuple[Path, Path]:
     """(mergekit-yaml, python) of the mergekit venv, checked to be mergekit 0.1.5."""
     venv = mergekit_venv()
-    exe, python = venv / "bin" / "mergekit-yaml", venv / "bin" / "python"
-    if not exe.exists() or not python.exists():
-        raise MergekitUnavailable(f"no {exe} or {python}.\n{INSTALL_HINT}")
-    probe = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    version = probe.stdout.strip()
-    if probe.returncode != 0 or version != MERGEKIT_VERSION:
-        raise MergekitUnavailable(
-            f"{venv} has mergekit {version or '(none)'}, need {MERGEKIT_VERSION}: "
-            f"{probe.stderr[-2000:]}\n{INSTALL_HINT}"
-        )
+    exe = venv / "bin" / "mergekit-yaml"
+    if not exe.exists():
+        raise MergekitUnavailable(f"no {exe}.\n{INSTALL_HINT}")
+    python = checked_python(venv, "mergekit", MERGEKIT_VERSION, INSTALL_HINT, MergekitUnavailable)
     return exe, python
 
 
-def _env() -> dict[str, str]:
-    # CPU only and no network: the parity runs must not depend on either.
-    return {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
+def require_mergekit() -> None:
+    """Fail (never skip) the calling test when the mergekit venv is missing."""
+    require(mergekit_executables, MergekitUnavailable)
 
 
 # --- tiny models ---------------------------------------------------------------------------
@@ -166,6 +150,65 @@ def read_model(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @dataclass
+class ParityModels:
+    """A base and three experts, on disk (for mergekit) and in memory (for Crucible)."""
+
+    base_dir: Path
+    expert_dirs: list[Path]
+    base: dict[str, torch.Tensor]
+    experts: list[dict[str, torch.Tensor]]
+
+
+def parity_models(
+    root: Path, seed: int, check_cuts: Callable[[str, torch.Tensor], None]
+) -> ParityModels:
+    """Three experts of a tiny float32 GPT-2 (embeddings, Conv1D weights, biases, norms):
+    base N(0, 0.2^2), experts base + N(0, 0.05^2), with one zero task vector (zeros never
+    win a sign election nor count in a divisor) and two exactly opposite ones (the elected
+    sign then depends on the weights alone). Before writing, `check_cuts(name, magnitudes)`
+    sees every task vector's magnitudes sorted descending: the parity tests assert there
+    that no magnitude tie falls at a cut they use (mergekit breaks ties arbitrarily)."""
+    import torch
+
+    config = tiny_gpt2_config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        name: 0.2 * torch.randn(shape, generator=g)
+        for name, shape in gpt2_tensor_shapes(config).items()
+    }
+    experts = [
+        {name: w + 0.05 * torch.randn(w.shape, generator=g) for name, w in base.items()}
+        for _ in range(3)
+    ]
+    experts[2]["transformer.ln_f.bias"] = base["transformer.ln_f.bias"].clone()
+    bias = "transformer.h.0.attn.c_proj.bias"
+    experts[1][bias] = base[bias] - (experts[0][bias] - base[bias])
+    for expert in experts:
+        for name, w in base.items():
+            check_cuts(name, (expert[name] - w).abs().reshape(-1).sort(descending=True).values)
+    base_dir = write_model(root / "base", base, config)
+    expert_dirs = [write_model(root / f"expert{i}", e, config) for i, e in enumerate(experts)]
+    return ParityModels(base_dir, expert_dirs, base, experts)
+
+
+def crucible_merge(
+    models: ParityModels, method: str, params: dict[str, Any], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Crucible's method, tensor by tensor, on the same in-memory models."""
+    from crucible.methods.base import TensorContext
+    from crucible.methods.registry import METHODS
+
+    info = METHODS[method]
+    p = info.params(**params)
+    return {
+        name: info.merge(
+            TensorContext(name, base, [e[name] for e in models.experts], list(weights)), p
+        )
+        for name, base in models.base.items()
+    }
+
+
+@dataclass
 class MergeRun:
     """One mergekit-yaml merge: a method, its global parameters, and the inputs.
 
@@ -214,7 +257,7 @@ def run_mergekit_yaml(
         "--no-write-model-card",
         "--quiet",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=reference_env())
     if done.returncode != 0:
         raise MergekitFailed(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-4000:]}")
     return read_model(out)
@@ -320,7 +363,7 @@ def run_mergekit_gta_tensors(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env=reference_env(),
     )
     if done.returncode != 0:
         raise MergekitFailed(f"mergekit group merge exited {done.returncode}:\n{done.stderr}")
