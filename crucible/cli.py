@@ -173,8 +173,7 @@ def methods(
     name: Annotated[str | None, typer.Argument(help="Show one method's params in full.")] = None,
 ) -> None:
     """List the merge methods (or one method's params as JSON schema), as GET /v1/methods."""
-    from crucible.methods.overrides import overridable_fields, request_params_model
-    from crucible.methods.registry import METHODS, get_method
+    from crucible.methods.registry import METHODS, describe, get_method
 
     if name is not None:
         try:
@@ -182,11 +181,7 @@ def methods(
         except KeyError as exc:
             console.print(f"[red]{exc.args[0]}[/]")
             raise typer.Exit(2) from None
-        schema = request_params_model(info.params).model_json_schema()
-        typer.echo(json.dumps({"name": info.name, "summary": info.summary,
-                               "needs": sorted(info.needs), "matrix": info.matrix,
-                               "per_tensor_params": overridable_fields(info.params),
-                               "params_schema": schema}, indent=2))  # fmt: skip
+        typer.echo(json.dumps(describe(info), indent=2))
         return
     for info in METHODS.values():
         needs = f" [needs: {', '.join(sorted(info.needs))}]" if info.needs else ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,9 @@ def merge_model(
                     for index, expert_writer in per_expert.items():
                         if index in inputs.mismatched.get(name, ()):
                             out = readers[index].read(name)
-                            expert_writer.write(name, out.to(FLOAT_CODES[planned_code(code)]))
+                            if code in FLOAT_CODES:  # int buffers are copied as they are
+                                out = out.to(FLOAT_CODES[planned_code(code)])
+                            expert_writer.write(name, out)
                 else:
                     out_dtype = FLOAT_CODES[planned_code(code)]
                     params = params_for(name)
@@ -230,7 +233,7 @@ def _per_expert_writers(
     inputs: MergeInputs,
     names: list[str],
     staging: Path,
-    planned_code: Any,
+    planned_code: Callable[[str], str],
 ) -> dict[int, ShardedSafetensorsWriter]:
     """keep_per_expert: one writer per expert with differing tensors, in base order."""
     if spec.shape_mismatch != "keep_per_expert" or not inputs.mismatched:

@@ -55,11 +55,11 @@ from crucible.methods.base import (
     MethodInfo,
     MethodParams,
     TensorContext,
+    check_context,
     is_matrix,
     mean_of_task_vectors,
 )
 from crucible.methods.linalg import solve_right_general, thin_svd
-from crucible.methods.task_arithmetic import check_context
 
 if TYPE_CHECKING:
     import torch

@@ -68,6 +68,48 @@ def is_matrix(ctx: TensorContext) -> bool:
     return ctx.base.ndim == 2 and not any(n in ctx.name for n in NON_MATRIX_NAMES)
 
 
+def check_context(ctx: TensorContext) -> None:
+    """Fail loudly instead of letting broadcasting merge tensors of different shapes."""
+    if not ctx.experts:
+        raise ValueError(f"{ctx.name}: a merge needs at least one expert tensor")
+    if len(ctx.weights) != len(ctx.experts):
+        raise ValueError(f"{ctx.name}: {len(ctx.weights)} weights for {len(ctx.experts)} experts")
+    for i, expert in enumerate(ctx.experts):
+        if expert.shape != ctx.base.shape:
+            raise ValueError(
+                f"{ctx.name}: expert {i} has shape {tuple(expert.shape)}, "
+                f"the base {tuple(ctx.base.shape)}"
+            )
+        if expert.dtype != ctx.base.dtype:
+            raise ValueError(
+                f"{ctx.name}: expert {i} has dtype {expert.dtype}, the base {ctx.base.dtype}"
+            )
+
+
+# A matrix procedure: weighted task vectors (all d_out x d_in) and the diagnostics dict in,
+# the merged task vector out (before the global scale).
+MatrixProcedure = Callable[["list[torch.Tensor]", "dict[str, Any]"], "torch.Tensor"]
+
+
+def merge_matrix_or_mean(
+    ctx: TensorContext, scale: float, procedure: MatrixProcedure
+) -> torch.Tensor:
+    """W0 + scale * procedure(w_t tau_t) for matrix tensors (`is_matrix`), and
+    W0 + scale * mean_t(w_t tau_t) for the rest (merge-math.md section 0).
+
+    Records `rule` ("matrix" | "mean") and `tasks` in ctx.diagnostics; the procedure records
+    its own facts."""
+    check_context(ctx)
+    if not is_matrix(ctx):
+        ctx.diagnostics.update(rule="mean", tasks=len(ctx.experts))
+        return mean_of_task_vectors(ctx, scale)
+    ctx.diagnostics.update(rule="matrix", tasks=len(ctx.experts))
+    merged = procedure(ctx.weighted_task_vectors(), ctx.diagnostics)
+    if scale != 1:
+        merged.mul_(scale)  # the procedure's result is a fresh tensor: scale in place
+    return merged.add_(ctx.base)
+
+
 def mean_of_task_vectors(ctx: TensorContext, scale: float = 1.0) -> torch.Tensor:
     """W0 + scale * mean_t(w_t tau_t): the rule for non-matrix tensors of tsv, iso_c,
     iso_cts, ace, FusionBench's wudi and regmean (merge-math.md section 0)."""

@@ -53,10 +53,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext, is_matrix
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext, check_context, is_matrix
 from crucible.methods.linalg import solve_right_spd
 from crucible.methods.regmean import check_weights, checked_grams, shrink_off_diagonal_
-from crucible.methods.task_arithmetic import check_context
 
 if TYPE_CHECKING:
     import torch

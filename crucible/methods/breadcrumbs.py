@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext
-from crucible.methods.task_arithmetic import check_context, combine
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext, check_context
+from crucible.methods.task_arithmetic import combine
 from crucible.methods.ties import MagnitudeCut, cut_keeping, keep_mask
 
 if TYPE_CHECKING:

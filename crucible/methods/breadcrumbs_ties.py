@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from crucible.methods import breadcrumbs, ties
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext
-from crucible.methods.task_arithmetic import check_context
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext, check_context
 
 if TYPE_CHECKING:
     import torch

@@ -23,8 +23,14 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext, tensor_seed
-from crucible.methods.task_arithmetic import check_context, combine
+from crucible.methods.base import (
+    MethodInfo,
+    MethodParams,
+    TensorContext,
+    check_context,
+    tensor_seed,
+)
+from crucible.methods.task_arithmetic import combine
 
 if TYPE_CHECKING:
     import torch

@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext, merge_matrix_or_mean
 from crucible.methods.linalg import thin_svd
-from crucible.methods.tsv import merge_matrix_or_mean
 
 if TYPE_CHECKING:
     import torch

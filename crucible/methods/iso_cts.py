@@ -33,10 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext, merge_matrix_or_mean
 from crucible.methods.iso_c import sum_svd
-from crucible.methods.linalg import thin_svd
-from crucible.methods.tsv import decorrelate, merge_matrix_or_mean
+from crucible.methods.linalg import polar, thin_svd
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +103,7 @@ def iso_cts_matrix(
     s[common] = sigma[:k_c]
     v[:, common] = vh_all[:k_c].T
     del u_all, vh_all, u_c
-    u_perp, v_perp = decorrelate(u, v)
+    u_perp, v_perp = polar(u), polar(v)
     s_mean = s.mean()
     diag["sigma_mean"] = float(s_mean)
     return (u_perp * s_mean) @ v_perp.T

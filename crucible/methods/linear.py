@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext
-from crucible.methods.task_arithmetic import WEIGHT_SUM_EPS, check_context
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext, check_context
+from crucible.methods.task_arithmetic import WEIGHT_SUM_EPS
 
 if TYPE_CHECKING:
     import torch

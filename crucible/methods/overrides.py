@@ -52,22 +52,25 @@ def layer_index(tensor_name: str) -> int | None:
     return int(m[1]) if m else None
 
 
-def overridable_fields(params_cls: type[MethodParams]) -> list[str]:
+@cache
+def overridable_fields(params_cls: type[MethodParams]) -> tuple[str, ...]:
     """The numeric (int or float, not bool) fields: the ones a request may override."""
-    return [name for name, f in params_cls.model_fields.items() if f.annotation in (int, float)]
+    return tuple(
+        name for name, f in params_cls.model_fields.items() if f.annotation in (int, float)
+    )
 
 
+@cache
 def _compile_filter(pattern: str) -> re.Pattern[str]:
+    """A regex searched in the name (`re:`), or a glob anchored at the name's start (and,
+    by fnmatch's translation, its end). Cached: rules are matched against every tensor."""
     if pattern.startswith("re:"):
         return re.compile(pattern[3:])
-    return re.compile(fnmatch.translate(pattern))
+    return re.compile("^" + fnmatch.translate(pattern))
 
 
 def filter_matches(pattern: str, tensor_name: str) -> bool:
-    compiled = _compile_filter(pattern)
-    if pattern.startswith("re:"):
-        return compiled.search(tensor_name) is not None
-    return compiled.match(tensor_name) is not None
+    return _compile_filter(pattern).search(tensor_name) is not None
 
 
 @cache

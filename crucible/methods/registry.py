@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from crucible.methods import (
     ace,
     bmm,
@@ -19,6 +21,7 @@ from crucible.methods import (
     wudi,
 )
 from crucible.methods.base import MethodInfo
+from crucible.methods.overrides import overridable_fields, request_params_model
 
 METHODS: dict[str, MethodInfo] = {
     m.METHOD.name: m.METHOD
@@ -46,3 +49,17 @@ def get_method(name: str) -> MethodInfo:
         return METHODS[name]
     except KeyError:
         raise KeyError(f"unknown merge method {name!r}; known: {sorted(METHODS)}") from None
+
+
+def describe(info: MethodInfo) -> dict[str, Any]:
+    """A method as GET /v1/methods and `crucible methods` publish it: what it needs, whether
+    it is a matrix method, which params take per-tensor values, and the JSON schema of the
+    params a request may send."""
+    return {
+        "name": info.name,
+        "summary": info.summary,
+        "needs": sorted(info.needs),
+        "matrix": info.matrix,
+        "per_tensor_params": list(overridable_fields(info.params)),
+        "params_schema": request_params_model(info.params).model_json_schema(),
+    }

@@ -36,9 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext, is_matrix
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext, check_context, is_matrix
 from crucible.methods.linalg import solve_right_spd
-from crucible.methods.task_arithmetic import check_context
 
 if TYPE_CHECKING:
     import torch

@@ -2,8 +2,7 @@
 
 Per-tensor semantics follow mergekit 0.1.5 `task_arithmetic` (a generalized task arithmetic
 method with no sparsification and no sign consensus). This module also holds the helpers the
-other task-vector methods (ties, dare_linear, dare_ties) share: input checks and the
-weighted combination.
+other task-vector methods (ties, dare_linear, dare_ties) share: the weighted combination.
 
 Torch is imported inside functions only: the API imports this module to validate params.
 """
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext
+from crucible.methods.base import MethodInfo, MethodParams, TensorContext, check_context
 
 if TYPE_CHECKING:
     import torch
@@ -43,24 +42,6 @@ class Params(MethodParams):
             "task_arithmetic."
         ),
     )
-
-
-def check_context(ctx: TensorContext) -> None:
-    """Fail loudly instead of letting broadcasting merge tensors of different shapes."""
-    if not ctx.experts:
-        raise ValueError(f"{ctx.name}: a merge needs at least one expert tensor")
-    if len(ctx.weights) != len(ctx.experts):
-        raise ValueError(f"{ctx.name}: {len(ctx.weights)} weights for {len(ctx.experts)} experts")
-    for i, expert in enumerate(ctx.experts):
-        if expert.shape != ctx.base.shape:
-            raise ValueError(
-                f"{ctx.name}: expert {i} has shape {tuple(expert.shape)}, "
-                f"the base {tuple(ctx.base.shape)}"
-            )
-        if expert.dtype != ctx.base.dtype:
-            raise ValueError(
-                f"{ctx.name}: expert {i} has dtype {expert.dtype}, the base {ctx.base.dtype}"
-            )
 
 
 def combine(

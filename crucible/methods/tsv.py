@@ -26,15 +26,11 @@ FusionBench places the Tk columns in an r-column buffer padded with zeros; the p
 of the padded matrix restricted to the first Tk columns equals the polar factor of U when U
 has full column rank, so the results agree.
 
-This module also holds what the subspace family (tsv, iso_c, iso_cts, wudi) shares: the
-matrix-or-mean dispatch and the polar decorrelation of concatenated bases.
-
 Torch is imported inside functions only: the API imports this module to validate params.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -43,18 +39,12 @@ from crucible.methods.base import (
     MethodInfo,
     MethodParams,
     TensorContext,
-    is_matrix,
-    mean_of_task_vectors,
+    merge_matrix_or_mean,
 )
 from crucible.methods.linalg import polar, thin_svd
-from crucible.methods.task_arithmetic import check_context
 
 if TYPE_CHECKING:
     import torch
-
-# A matrix procedure: weighted task vectors (all d_out x d_in) and the diagnostics dict in,
-# the merged task vector out (before the global scale).
-MatrixProcedure = Callable[["list[torch.Tensor]", "dict[str, Any]"], "torch.Tensor"]
 
 
 class Params(MethodParams):
@@ -68,31 +58,6 @@ class Params(MethodParams):
             "the SVD (FusionBench's list-valued alpha)."
         ),
     )
-
-
-def merge_matrix_or_mean(
-    ctx: TensorContext, scale: float, procedure: MatrixProcedure
-) -> torch.Tensor:
-    """W0 + scale * procedure(w_t tau_t) for matrix tensors (`is_matrix`), and
-    W0 + scale * mean_t(w_t tau_t) for the rest (merge-math.md section 0).
-
-    Records `rule` ("matrix" | "mean") and `tasks` in ctx.diagnostics; the procedure records
-    its own facts."""
-    check_context(ctx)
-    if not is_matrix(ctx):
-        ctx.diagnostics.update(rule="mean", tasks=len(ctx.experts))
-        return mean_of_task_vectors(ctx, scale)
-    ctx.diagnostics.update(rule="matrix", tasks=len(ctx.experts))
-    merged = procedure(ctx.weighted_task_vectors(), ctx.diagnostics)
-    if scale != 1:
-        merged.mul_(scale)  # the procedure's result is a fresh tensor: scale in place
-    return merged.add_(ctx.base)
-
-
-def decorrelate(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(polar(U), polar(V)) for concatenated bases U (d_out x n) and V (d_in x n): the
-    nearest matrices with orthonormal columns (TSV-M step 3, ISO-CTS step 4)."""
-    return polar(u), polar(v)
 
 
 def tsv_matrix(taus: list[torch.Tensor], diag: dict[str, Any]) -> torch.Tensor:
@@ -117,7 +82,7 @@ def tsv_matrix(taus: list[torch.Tensor], diag: dict[str, Any]) -> torch.Tensor:
         s[cols] = s_t[:k]
         v[:, cols] = vh_t[:k].T
         del u_t, s_t, vh_t
-    u_perp, v_perp = decorrelate(u, v)
+    u_perp, v_perp = polar(u), polar(v)  # decorrelate the concatenated bases
     return (u_perp * s) @ v_perp.T
 
 

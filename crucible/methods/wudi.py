@@ -65,10 +65,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from crucible.methods.base import MethodInfo, MethodParams, TensorContext, is_matrix
+from crucible.methods.base import (
+    MethodInfo,
+    MethodParams,
+    TensorContext,
+    check_context,
+    is_matrix,
+    merge_matrix_or_mean,
+)
 from crucible.methods.linalg import solve_right_spd
-from crucible.methods.task_arithmetic import check_context
-from crucible.methods.tsv import merge_matrix_or_mean
 
 if TYPE_CHECKING:
     import torch

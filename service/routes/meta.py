@@ -8,8 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from crucible.methods.overrides import overridable_fields, request_params_model
-from crucible.methods.registry import METHODS
+from crucible.methods.registry import METHODS, describe
 from crucible.queue import check_broker
 
 router = APIRouter()
@@ -34,19 +33,7 @@ class MethodList(BaseModel):
 @router.get("/v1/methods", response_model=MethodList, tags=["methods"])
 def list_methods() -> MethodList:
     """Every merge method with the JSON schema of its params (defaults and ranges)."""
-    return MethodList(
-        items=[
-            MethodDescription(
-                name=m.name,
-                summary=m.summary,
-                needs=sorted(m.needs),
-                matrix=m.matrix,
-                per_tensor_params=overridable_fields(m.params),
-                params_schema=request_params_model(m.params).model_json_schema(),
-            )
-            for m in METHODS.values()
-        ]
-    )
+    return MethodList(items=[MethodDescription(**describe(m)) for m in METHODS.values()])
 
 
 @router.get("/healthz", tags=["health"])
