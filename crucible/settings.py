@@ -27,6 +27,14 @@ class Settings(BaseSettings):
     # Where the merge math runs; storage stays on the CPU. auto: CUDA when there is a GPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_experts: int = 32
+    # Datasets: the largest upload accepted (bytes; streamed to disk, never held in memory).
+    max_dataset_bytes: int = 100 * 1024 * 1024
+    # Statistics stage: the float64 Grams held at once; beyond it, modules are collected in
+    # several passes over the data, each writing its Grams out before the next.
+    gram_memory_bytes: int = 2 * 1024**3
+    # Per-job caps on the tuner and the statistics stage (4xx naming the limit when exceeded).
+    max_trials: int = 512
+    max_samples: int = 100_000
     list_limit_max: int = 200
     # How often a running job looks at the cancel flag (seconds between database reads).
     cancel_poll_seconds: float = 0.5

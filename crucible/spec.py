@@ -42,6 +42,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Dataset ids as the datasets API issues them.
+DatasetId = Annotated[str, Field(pattern=r"^ds_[0-9a-z]{8,64}$", examples=["ds_3f2a9c41d07b"])]
+
+
 class ModelRef(_Strict):
     """A model by URI and revision; the worker pins the revision to a commit."""
 
@@ -78,8 +82,14 @@ class ExpertRef(ModelRef):
             "module's G = X^T X / n, d_in x d_in, X the module's inputs on this expert's data."
         ),
     )
-    dataset: str | None = Field(
-        default=None, description="Reserved for data-aware methods (not available yet)."
+    dataset: DatasetId | None = Field(
+        default=None,
+        description=(
+            "An uploaded dataset (ds_...) of this expert's task. Methods that need Grams "
+            "(regmean; bmm with gram=activations or hybrid) compute them in the statistics "
+            "stage by running this expert over up to statistics.max_samples of its rows, "
+            "unless `grams` names precomputed ones."
+        ),
     )
 
     @field_validator("weight")
@@ -87,13 +97,6 @@ class ExpertRef(ModelRef):
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError("weight must be a finite number")
-        return v
-
-    @field_validator("dataset")
-    @classmethod
-    def _no_dataset_yet(cls, v: str | None) -> str | None:
-        if v is not None:
-            raise ValueError("datasets are not available yet in this version")
         return v
 
 
@@ -158,6 +161,83 @@ MethodSpec = Annotated[
 ]
 
 
+class StatisticsSpec(_Strict):
+    """How the statistics stage computes activation Grams from the experts' datasets."""
+
+    max_samples: int = Field(
+        default=256, ge=1, description="Examples per expert (RegMean's default is 256)."
+    )
+    max_length: int = Field(default=128, ge=8, le=8192, description="Tokens per example.")
+    batch_size: int = Field(default=16, ge=1, le=1024, description="Examples per forward pass.")
+
+
+class SplitSpec(_Strict):
+    """A deterministic split of a dataset's rows: a seeded permutation, then the first
+    `validation` fraction for tuning and the next `test` fraction for the held-out score."""
+
+    validation: float = Field(default=0.5, gt=0, le=1)
+    test: float = Field(default=0.5, ge=0, lt=1)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitSpec:
+        if self.validation + self.test > 1 + 1e-9:
+            raise ValueError(
+                f"validation + test must be at most 1, got {self.validation} + {self.test}"
+            )
+        return self
+
+
+# Methods the tuner can search, and the params it searches for each (merge-math.md 10.4).
+TUNABLE_PARAMS: dict[str, tuple[str, ...]] = {
+    "bmm": ("rho", "scale"),
+    "task_arithmetic": ("scale",),
+    "ties": ("scale",),
+}
+TuningGroups = Literal["global", "layer_type", "block", "module"]
+TuningMetric = Literal["accuracy", "loss", "perplexity"]
+
+
+class TuningSpec(_Strict):
+    """Bayesian optimisation of per-module-group hyperparameters on a validation split."""
+
+    dataset: DatasetId | dict[str, DatasetId] = Field(
+        description=(
+            "The validation data: one dataset (language modelling, or classification when "
+            "every expert shares the label set), or {expert name: dataset} for "
+            "classification experts with their own heads (accuracy per task, then the mean)."
+        )
+    )
+    metric: TuningMetric | None = Field(
+        default=None,
+        description="accuracy (classification) is maximised, loss and perplexity (language "
+        "modelling) minimised. Default: accuracy for classification data, loss otherwise.",
+    )
+    trials: int = Field(default=32, ge=1, description="Trials in all, Sobol ones included.")
+    init_trials: int = Field(default=8, ge=1, description="Sobol trials before the GP.")
+    groups: TuningGroups = Field(
+        default="layer_type",
+        description="One set of hyperparameters for the whole model (global), per kind of "
+        "linear module (layer_type: q/k/v/out/fc...), per transformer block (block), or per "
+        "module (module).",
+    )
+    batch: int = Field(default=1, ge=1, le=16, description="Trials proposed at once (q).")
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    max_samples: int = Field(
+        default=512, ge=1, description="Rows per task of each split used for evaluation."
+    )
+    max_length: int = Field(default=128, ge=8, le=8192, description="Tokens per example.")
+    batch_size: int = Field(default=32, ge=1, le=1024, description="Examples per forward pass.")
+
+    @model_validator(mode="after")
+    def _init_within_trials(self) -> TuningSpec:
+        if self.init_trials > self.trials:
+            raise ValueError(
+                f"init_trials ({self.init_trials}) must not exceed trials ({self.trials})"
+            )
+        return self
+
+
 class MergeSpec(_Strict):
     base: ModelRef
     experts: list[ExpertRef] = Field(min_length=1)
@@ -172,10 +252,18 @@ class MergeSpec(_Strict):
             "tensor and each expert's own version is written to per_expert/<expert>.safetensors."
         ),
     )
-    tuning: dict[str, Any] | None = Field(default=None, description="Reserved: not available yet.")
+    statistics: StatisticsSpec = Field(default_factory=StatisticsSpec)
+    tuning: TuningSpec | None = Field(
+        default=None,
+        description=(
+            "Tune the method's per-module-group hyperparameters by Bayesian optimisation on "
+            "a validation split (bmm: rho and scale; task_arithmetic and ties: scale); the "
+            "best trial is published and scored on the test split."
+        ),
+    )
     webhook: dict[str, Any] | None = Field(default=None, description="Reserved: not available yet.")
 
-    @field_validator("tuning", "webhook")
+    @field_validator("webhook")
     @classmethod
     def _reserved(cls, v: dict[str, Any] | None) -> None:
         if v is not None:
@@ -184,15 +272,49 @@ class MergeSpec(_Strict):
 
     @model_validator(mode="after")
     def _grams_present(self) -> MergeSpec:
-        info = METHODS[self.method.name]
-        if info.needs_grams is not None and info.needs_grams(self.method.params):
-            missing = [f"experts[{i}]" for i, e in enumerate(self.experts) if e.grams is None]
+        if self.needs_grams():
+            missing = [
+                f"experts[{i}]"
+                for i, e in enumerate(self.experts)
+                if e.grams is None and e.dataset is None
+            ]
             if missing:
                 raise ValueError(
                     f"method {self.method.name!r} with these params needs per-expert Grams; "
-                    f"{', '.join(missing)} name no `grams` folder"
+                    f"{', '.join(missing)} name neither a `dataset` nor a `grams` folder"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _tuning_fits(self) -> MergeSpec:
+        if self.tuning is None:
+            return self
+        if self.method.name not in TUNABLE_PARAMS:
+            raise ValueError(
+                f"tuning is available for {', '.join(sorted(TUNABLE_PARAMS))}, "
+                f"not for {self.method.name!r}"
+            )
+        if isinstance(self.tuning.dataset, dict):
+            names = [e.name for e in self.experts]
+            unknown = sorted(set(self.tuning.dataset) - {n for n in names if n})
+            if unknown:
+                raise ValueError(
+                    f"tuning.dataset names experts {unknown} that are not in experts[].name "
+                    f"({[n for n in names if n]})"
+                )
+        return self
+
+    def needs_grams(self) -> bool:
+        info = METHODS[self.method.name]
+        return info.needs_grams is not None and bool(info.needs_grams(self.method.params))
+
+    def dataset_ids(self) -> list[str]:
+        """Every dataset the spec references, in order, without repeats."""
+        ids = [e.dataset for e in self.experts if e.dataset]
+        if self.tuning is not None:
+            d = self.tuning.dataset
+            ids += list(d.values()) if isinstance(d, dict) else [d]
+        return list(dict.fromkeys(ids))
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -89,11 +89,21 @@ def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
             f"{parsed.scheme}:// is not a model source; use hf://org/name or file:///path",
             {"uri": ref.uri},
         )
-    weight_files, expected = _weight_files(root, ref.uri)
+    return _open_folder(root, ref.uri, ref.revision, commit)
+
+
+def open_artifact_folder(root: Path) -> ResolvedModel:
+    """A folder of safetensors the service wrote itself (a Gram cache entry, a staged
+    output): read without the file:// allow-list, which guards only callers' paths."""
+    return _open_folder(root, root.as_uri(), "local", None)
+
+
+def _open_folder(root: Path, uri: str, revision: str, commit: str | None) -> ResolvedModel:
+    weight_files, expected = _weight_files(root, uri)
     tensors = _read_headers(weight_files, expected, root)
     return ResolvedModel(
-        uri=ref.uri,
-        revision=ref.revision,
+        uri=uri,
+        revision=revision,
         commit=commit,
         root=root,
         weight_files=weight_files,
