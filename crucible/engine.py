@@ -17,6 +17,7 @@ of rows), never by the model.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -68,6 +69,9 @@ class MergeInputs:
     grams: list[ResolvedModel] | None = None
     # Tensor -> indices of the experts whose shape differs from the base's.
     mismatched: dict[str, list[int]] = field(default_factory=dict)
+    # Per expert, the tensors only it has (its task head, by its own names): never merged,
+    # written to its per_expert/ folder with its config.json.
+    expert_only: list[list[str]] = field(default_factory=list)
 
 
 class ProgressSink(Protocol):
@@ -210,6 +214,7 @@ def merge_model(
                         )  # fmt: skip
                     merged_count += 1
                 reporter.progress(i + 1, total, "tensors")
+            _write_expert_only(inputs, readers, per_expert, planned_code)
         for w in writers:
             w.close()
     except BaseException:
@@ -235,22 +240,43 @@ def _per_expert_writers(
     staging: Path,
     planned_code: Callable[[str], str],
 ) -> dict[int, ShardedSafetensorsWriter]:
-    """keep_per_expert: one writer per expert with differing tensors, in base order."""
-    if spec.shape_mismatch != "keep_per_expert" or not inputs.mismatched:
-        return {}
+    """One writer per expert that has tensors of its own: the differing-shape tensors under
+    keep_per_expert (base names, base order) and its expert-only tensors (its head)."""
+    keep_mismatched = spec.shape_mismatch == "keep_per_expert"
     writers: dict[int, ShardedSafetensorsWriter] = {}
     for index, expert in enumerate(inputs.experts):
+        own = inputs.expert_only[index] if inputs.expert_only else []
+        differing = [n for n in names if index in inputs.mismatched.get(n, ())]
         plan = [
             (n, expert.tensors[n].shape, planned_code(expert.tensors[n].dtype))
-            for n in names
-            if index in inputs.mismatched.get(n, ())
+            for n in [*(differing if keep_mismatched else []), *own]
         ]
         if plan:
             folder = staging / PER_EXPERT_DIR / expert_slug(inputs.labels[index], index)
             writers[index] = ShardedSafetensorsWriter(
                 folder, plan, int(spec.output.shard_size), metadata={"format": "pt"}
             )
+            if own and (expert.root / "config.json").is_file():
+                # With the expert's config, base + merged weights + this file rebuild the
+                # expert's own task model (e.g. AutoModelForSequenceClassification).
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(expert.root / "config.json", folder / "config.json")
     return writers
+
+
+def _write_expert_only(
+    inputs: MergeInputs,
+    readers: list[TensorReader],
+    per_expert: dict[int, ShardedSafetensorsWriter],
+    planned_code: Callable[[str], str],
+) -> None:
+    for index, own in enumerate(inputs.expert_only):
+        for name in own:
+            out = readers[index].read(name)
+            code = inputs.experts[index].tensors[name].dtype
+            if code in FLOAT_CODES:
+                out = out.to(FLOAT_CODES[planned_code(code)])
+            per_expert[index].write(name, out)
 
 
 def _check_finite(name: str, merged: torch.Tensor) -> None:
@@ -295,6 +321,53 @@ def _merge_blocks(
         del ctx, merged
 
 
+def matrix_context(
+    name: str,
+    base_reader: TensorReader,
+    readers: list[TensorReader],
+    gram_readers: list[TensorReader] | None,
+    weights: list[float],
+    transposed: bool,
+    device: torch.device,
+) -> TensorContext:
+    """The whole-tensor context a matrix method merges: float64 (float32 when large), in
+    nn.Linear layout (`transposed`: a GPT-2 Conv1D weight), with the experts' Grams. The
+    tuner builds its per-module factorizations from the same contexts."""
+    shape = base_reader.info(name).shape
+    dtype = matrix_dtype(shape)
+
+    def load(reader: TensorReader) -> torch.Tensor:
+        tensor = reader.read(name).to(device=device, dtype=dtype)
+        return tensor.T if transposed else tensor
+
+    base = load(base_reader)
+    return TensorContext(
+        name=name,
+        base=base,
+        experts=[load(r) for r in readers],
+        weights=weights,
+        extra={"shape": shape},
+        grams=_grams(name, base, gram_readers, device, dtype),
+    )
+
+
+def whole_context(
+    name: str,
+    base_reader: TensorReader,
+    readers: list[TensorReader],
+    weights: list[float],
+    device: torch.device,
+) -> TensorContext:
+    """One whole tensor of an elementwise method, in its compute dtype (float32)."""
+    return TensorContext(
+        name=name,
+        base=base_reader.read(name).to(device=device, dtype=COMPUTE_DTYPE),
+        experts=[r.read(name).to(device=device, dtype=COMPUTE_DTYPE) for r in readers],
+        weights=weights,
+        extra={"shape": base_reader.info(name).shape},
+    )
+
+
 def _merge_matrix(
     name: str,
     method: MethodInfo,
@@ -309,22 +382,8 @@ def _merge_matrix(
     writer: ShardedSafetensorsWriter,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    shape = base_reader.info(name).shape
-    dtype = matrix_dtype(shape)
-
-    def load(reader: TensorReader) -> torch.Tensor:
-        tensor = reader.read(name).to(device=device, dtype=dtype)
-        return tensor.T if transposed else tensor
-
-    base = load(base_reader)
-    ctx = TensorContext(
-        name=name,
-        base=base,
-        experts=[load(r) for r in readers],
-        weights=weights,
-        extra={"shape": shape},
-        grams=_grams(name, base, gram_readers, device, dtype),
-    )
+    ctx = matrix_context(name, base_reader, readers, gram_readers, weights, transposed, device)
+    base = ctx.base
     merged = method.merge(ctx, params)
     if merged.shape != base.shape:
         raise CrucibleError(
@@ -339,7 +398,7 @@ def _merge_matrix(
     writer.write(name, merged.to(device="cpu", dtype=out_dtype).contiguous())
     diagnostics = dict(ctx.diagnostics)
     if diagnostics:
-        diagnostics["dtype"] = str(dtype).removeprefix("torch.")
+        diagnostics["dtype"] = str(base.dtype).removeprefix("torch.")
         if transposed:
             diagnostics["transposed"] = True
         diagnostics["seconds"] = round(time.perf_counter() - started, 4)

@@ -6,6 +6,7 @@ The pipeline knows nothing of HTTP, Celery or the job store: it reports through 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -14,11 +15,13 @@ from typing import Any, Protocol
 
 from crucible.device import compute_device
 from crucible.engine import MergeInputs, merge_model
+from crucible.errors import CrucibleError
 from crucible.methods.registry import get_method
 from crucible.publish.files import copy_support_files, file_manifest
 from crucible.publish.model_card import render_model_card
 from crucible.report import REPORT_FILE, MergeReport
 from crucible.settings import Settings
+from crucible.sources.align import align_names
 from crucible.sources.compat import check_compatible
 from crucible.sources.resolve import ResolvedModel, resolve_model
 from crucible.spec import MergeSpec
@@ -99,14 +102,27 @@ def _resolve(
     base = resolve_model(spec.base, settings)
     reporter.progress(1, total, "models")
     experts: list[ResolvedModel] = []
+    expert_only: list[list[str]] = []
     for i, ref in enumerate(spec.experts):
         reporter.check_cancelled()
-        experts.append(resolve_model(ref, settings))
+        aligned, own = _aligned(base, resolve_model(ref, settings))
+        experts.append(aligned)
+        expert_only.append(own)
         reporter.progress(2 + i, total, "models")
     labels = [ref.name or f"experts[{i}] ({ref.uri})" for i, ref in enumerate(spec.experts)]
+    shared = [
+        dataclasses.replace(e, tensors={n: t for n, t in e.tensors.items() if n not in set(own)})
+        for e, own in zip(experts, expert_only, strict=True)
+    ]
     mismatched = check_compatible(
-        base, experts, labels, allow_shape_mismatch=spec.shape_mismatch != "fail"
+        base, shared, labels, allow_shape_mismatch=spec.shape_mismatch != "fail"
     )
+    if any(expert_only):
+        reporter.event(
+            "expert_only",
+            "tensors only the experts have (task heads) are kept per expert, never merged",
+            {label: own[:20] for label, own in zip(labels, expert_only, strict=True) if own},
+        )
     method = get_method(spec.method.name)
     grams: list[ResolvedModel] | None = None
     if method.needs_grams is not None and method.needs_grams(spec.method.params):
@@ -129,9 +145,34 @@ def _resolve(
             {"tensors": sorted(mismatched)[:50]},
         )
     merge_inputs = MergeInputs(
-        base=base, experts=experts, labels=labels, grams=grams, mismatched=mismatched
+        base=base,
+        experts=experts,
+        labels=labels,
+        grams=grams,
+        mismatched=mismatched,
+        expert_only=expert_only,
     )
     return merge_inputs, inputs
+
+
+def _aligned(base: ResolvedModel, expert: ResolvedModel) -> tuple[ResolvedModel, list[str]]:
+    """The expert with its tensors renamed to the base's names where one side carries a
+    prefix the other does not (bert.encoder... vs encoder...), and the names of the tensors
+    only it has (its head), which keep their own names."""
+    alignment = align_names(base.tensors, expert.tensors)
+    if not alignment.prefix:
+        return expert, alignment.expert_only
+    tensors = {b: expert.tensors[e] for b, e in alignment.to_expert.items()}
+    clash = sorted(set(tensors) & set(alignment.expert_only))
+    if clash:
+        raise CrucibleError(
+            "incompatible_models",
+            f"{expert.uri}: after removing the name prefix {alignment.prefix!r}, tensor "
+            f"{clash[0]!r} would name two different tensors",
+            {"tensors": clash[:20]},
+        )
+    tensors.update({n: expert.tensors[n] for n in alignment.expert_only})
+    return dataclasses.replace(expert, tensors=tensors), alignment.expert_only
 
 
 def _input_record(

@@ -259,3 +259,45 @@ def test_every_method_runs_on_the_compute_device(method: str) -> None:
         np.testing.assert_allclose(
             out.cpu().double().numpy(), reference.numpy(), rtol=tol, atol=tol, err_msg=method
         )
+
+
+def test_prefixed_classifier_experts_merge_by_base_names_and_keep_their_heads(
+    tmp_path: Path,
+) -> None:
+    """Experts saved from *ForSequenceClassification (`bert.` prefix, a `classifier` head of
+    their own size) merge with a base saved from AutoModel: shared tensors by the base's
+    names, each head written untouched to per_expert/ with the expert's config.json."""
+    body = {"encoder.layer.0.dense.weight": _f32(6, 4), "embeddings.norm.bias": _f32(4)}
+    base = _model(tmp_path / "models/base", body)
+    experts, heads = [], []
+    for i, classes in enumerate((2, 3)):
+        head = {"classifier.weight": _f32(classes, 4), "classifier.bias": _f32(classes)}
+        tensors = {f"bert.{k}": v + _f32(*v.shape) for k, v in body.items()}
+        experts.append(_model(tmp_path / f"models/e{i}", {**tensors, **head}, "bert"))
+        heads.append(head)
+    spec = _spec(base, experts, {"name": "task_arithmetic", "params": {"scale": 0.5}})
+    out = tmp_path / "out"
+    run_merge_job(spec, out, _settings(tmp_path), QuietReporter())
+    merged = load_file(str(out / "model.safetensors"))
+    assert sorted(merged) == sorted(body)
+    for name, w0 in body.items():
+        taus = [load_file(str(e / "model.safetensors"))[f"bert.{name}"] - w0 for e in experts]
+        want = w0.astype(np.float64) + 0.5 * sum(t.astype(np.float64) for t in taus)
+        np.testing.assert_allclose(merged[name], want, rtol=1e-5, atol=1e-6)
+    for i, head in enumerate(heads):
+        folder = out / "per_expert" / f"{i}-e{i}"
+        kept = load_file(str(folder / "model.safetensors"))
+        assert sorted(kept) == sorted(head)
+        for name, value in head.items():
+            np.testing.assert_array_equal(kept[name], value)
+        assert json.loads((folder / "config.json").read_text()) == {"model_type": "bert"}
+
+
+def test_an_unrelated_expert_is_still_refused(tmp_path: Path) -> None:
+    base = _model(tmp_path / "models/base", {"a.weight": _f32(2, 2), "b.weight": _f32(2, 2)})
+    other = _model(tmp_path / "models/e0", {"x.a.weight": _f32(2, 2), "y.weight": _f32(2, 2)})
+    spec = _spec(base, [other], {"name": "linear"})
+    with pytest.raises(CrucibleError) as err:
+        run_merge_job(spec, tmp_path / "out", _settings(tmp_path), QuietReporter())
+    assert err.value.code == "incompatible_models"
+    assert "'b.weight' is present in the base, missing in the expert" in err.value.message
