@@ -127,13 +127,23 @@ class ConsoleReporter:
     def check_cancelled(self) -> None:
         return None
 
+    def trial(self, index: int, data: dict[str, Any]) -> None:
+        console.print(
+            f"  trial {index}: {data.get('metric')} {data.get('value')} "
+            f"({data.get('seconds', {}).get('total', '?')} s)"
+        )
+
 
 @app.command()
 def merge(
     spec_file: Annotated[Path, typer.Argument(help="A MergeSpec as YAML or JSON.")],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("merged"),
+    tenant: Annotated[
+        str, typer.Option(help="Whose uploaded datasets (ds_...) the spec may name.")
+    ] = "default",
 ) -> None:
-    """Run a merge locally, without the service (like mergekit-yaml)."""
+    """Run a merge locally, without the service (like mergekit-yaml). Datasets the spec
+    names are looked up in the store of CRUCIBLE_DATA_DIR / CRUCIBLE_DATABASE_URL."""
     from pydantic import ValidationError
 
     from crucible.errors import CrucibleError
@@ -151,8 +161,12 @@ def merge(
         raise typer.Exit(2) from None
     # The local operator may read any local path.
     settings = Settings(allowed_local_dirs=[Path("/")])
+    datasets = {}
+    if spec.dataset_ids():
+        store = _store(settings)
+        datasets = {d: store.get_dataset(tenant, d) for d in spec.dataset_ids()}
     try:
-        outcome = run_merge_job(spec, out.resolve(), settings, ConsoleReporter())
+        outcome = run_merge_job(spec, out.resolve(), settings, ConsoleReporter(), datasets)
     except CrucibleError as exc:
         console.print(f"[red]{exc.code}: {exc.message}[/]")
         raise typer.Exit(1) from None

@@ -108,7 +108,7 @@ def expert_slug(label: str, index: int) -> str:
     return f"{index}-{slug}"[:100]
 
 
-class _ParamsFor:
+class ParamsFor:
     """Concrete params per tensor: resolved through the overrides only when the request
     uses them, so the common case validates once."""
 
@@ -147,7 +147,7 @@ def merge_model(
     names = sorted(
         base.tensors, key=lambda n: (file_order[base.tensors[n].file], base.tensors[n].start)
     )
-    params_for = _ParamsFor(spec, method, names)
+    params_for = ParamsFor(spec, method, names)
     transposed = transposed_weights(base.root, names) if method.matrix else frozenset()
     out_code = OUTPUT_CODES[spec.output.dtype] if spec.output.dtype else None
 
@@ -279,7 +279,7 @@ def _write_expert_only(
             per_expert[index].write(name, out)
 
 
-def _check_finite(name: str, merged: torch.Tensor) -> None:
+def check_finite(name: str, merged: torch.Tensor) -> None:
     if not bool(torch.isfinite(merged).all()):
         raise CrucibleError(
             "non_finite",
@@ -316,7 +316,7 @@ def _merge_blocks(
             extra=extra if rows is None else {**extra, "rows": rows},
         )
         merged = method.merge(ctx, params)
-        _check_finite(name, merged)
+        check_finite(name, merged)
         writer.write(name, merged.to(device="cpu", dtype=out_dtype), 0 if rows is None else rows[0])
         del ctx, merged
 
@@ -392,7 +392,7 @@ def _merge_matrix(
             f"of shape {tuple(base.shape)}",
             {"tensor": name},
         )
-    _check_finite(name, merged)
+    check_finite(name, merged)
     if transposed:
         merged = merged.T
     writer.write(name, merged.to(device="cpu", dtype=out_dtype).contiguous())

@@ -1,4 +1,5 @@
-"""One merge job, stage by stage: resolve -> merge -> publish.
+"""One merge job, stage by stage: resolve -> statistics -> tune -> merge -> evaluate ->
+publish (statistics only when the method needs Grams, tune and evaluate only with `tuning`).
 
 The pipeline knows nothing of HTTP, Celery or the job store: it reports through a
 `Reporter`, so the worker (store-backed) and `crucible merge` (console) share it.
@@ -11,12 +12,11 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from crucible.device import compute_device
 from crucible.engine import MergeInputs, merge_model
 from crucible.errors import CrucibleError
-from crucible.methods.registry import get_method
 from crucible.publish.files import copy_support_files, file_manifest
 from crucible.publish.model_card import render_model_card
 from crucible.report import REPORT_FILE, MergeReport
@@ -26,6 +26,11 @@ from crucible.sources.compat import check_compatible
 from crucible.sources.resolve import ResolvedModel, resolve_model
 from crucible.spec import MergeSpec
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from crucible.datasets.storage import DatasetHandle
+
 
 class Reporter(Protocol):
     def stage(self, name: str) -> None: ...
@@ -33,6 +38,10 @@ class Reporter(Protocol):
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None: ...
     def check_cancelled(self) -> None:
         """Raise JobCancelled when the job was cancelled; called between tensors."""
+        ...
+
+    def trial(self, index: int, data: dict[str, Any]) -> None:
+        """Record one tuning trial (params, objective, seconds)."""
         ...
 
 
@@ -46,23 +55,50 @@ class MergeOutcome:
 
 
 def run_merge_job(
-    spec: MergeSpec, output_dir: Path, settings: Settings, reporter: Reporter
+    spec: MergeSpec,
+    output_dir: Path,
+    settings: Settings,
+    reporter: Reporter,
+    datasets: Mapping[str, DatasetHandle | None] | None = None,
 ) -> MergeOutcome:
-    """Run the whole merge; the output appears at `output_dir` only when complete."""
+    """Run the whole merge; the output appears at `output_dir` only when complete.
+
+    `datasets`: the records of the dataset ids the spec references (None for an id the
+    caller's tenant does not have), looked up by the caller (the runner, in the job store).
+    """
     staging = output_dir.with_name(output_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
         device = compute_device(settings.device)
+        found = _datasets(spec, datasets or {})
         merge_inputs, inputs = _resolve(spec, settings, reporter)
+        reporter.check_cancelled()
+        if spec.needs_grams():
+            from crucible.stats.stage import compute_statistics
+
+            reporter.stage("statistics")
+            merge_inputs.grams = compute_statistics(
+                spec, merge_inputs.base, merge_inputs.experts, found, settings, reporter, device
+            )
+        tuned = None
+        if spec.tuning is not None:
+            from crucible.tune.stage import tune_merge
+
+            reporter.stage("tune")
+            tuned = tune_merge(spec, merge_inputs, found, settings, reporter, device)
+            spec = tuned.spec
         reporter.check_cancelled()
         reporter.stage("merge")
         metrics, report = merge_model(spec, merge_inputs, staging, reporter, device)
         _report_events(report, reporter)
+        if tuned is not None:
+            reporter.stage("evaluate")
+            metrics["tuning"] = tuned.score_published(staging, reporter)
         reporter.stage("publish")
         reporter.progress(0, 2, "steps")
-        _write_support_files(spec, merge_inputs.base, inputs, report, staging)
+        _write_support_files(spec, merge_inputs.base, inputs, report, staging, metrics)
         reporter.progress(1, 2, "steps")
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -91,6 +127,25 @@ def _report_events(report: MergeReport, reporter: Reporter) -> None:
             f"(see {REPORT_FILE})",
             {"fallbacks": fallbacks[:20], "ill_conditioned": ill[:20]},
         )
+
+
+def _datasets(
+    spec: MergeSpec, datasets: Mapping[str, DatasetHandle | None]
+) -> dict[str, DatasetHandle]:
+    """Every dataset the spec names, or a failed job naming the first one that is gone
+    (deleted after the job was accepted, or never the caller's)."""
+    found: dict[str, DatasetHandle] = {}
+    for dataset_id in spec.dataset_ids():
+        handle = datasets.get(dataset_id)
+        if handle is None or not handle.path.is_file():
+            raise CrucibleError(
+                "dataset_not_found",
+                f"dataset {dataset_id!r} does not exist (it may have been deleted after the "
+                "job was submitted)",
+                {"dataset": dataset_id},
+            )
+        found[dataset_id] = handle
+    return found
 
 
 def _resolve(
@@ -123,14 +178,6 @@ def _resolve(
             "tensors only the experts have (task heads) are kept per expert, never merged",
             {label: own[:20] for label, own in zip(labels, expert_only, strict=True) if own},
         )
-    method = get_method(spec.method.name)
-    grams: list[ResolvedModel] | None = None
-    if method.needs_grams is not None and method.needs_grams(spec.method.params):
-        grams = []
-        for ref in spec.experts:
-            reporter.check_cancelled()
-            assert ref.grams is not None  # MergeSpec refuses a job that needs Grams without
-            grams.append(resolve_model(ref.grams, settings))
     inputs = [_input_record("base", None, spec.base.uri, base, None)]
     inputs += [
         _input_record("expert", ref.name, ref.uri, model, ref.weight)
@@ -148,7 +195,6 @@ def _resolve(
         base=base,
         experts=experts,
         labels=labels,
-        grams=grams,
         mismatched=mismatched,
         expert_only=expert_only,
     )
@@ -194,6 +240,7 @@ def _write_support_files(
     inputs: list[dict[str, Any]],
     report: MergeReport,
     staging: Path,
+    metrics: dict[str, Any],
 ) -> None:
     copy_support_files(base.root, staging, dtype=spec.output.dtype)
     report_doc = report.as_dict()
@@ -206,5 +253,6 @@ def _write_support_files(
         params=spec.method.params.model_dump(mode="json"),
         files=weight_files,
         report=report_doc,
+        tuning=metrics.get("tuning"),
     )
     (staging / "README.md").write_text(card, encoding="utf-8")

@@ -47,6 +47,9 @@ class StoreReporter:
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self._store.add_event(self._job_id, kind, message, data)
 
+    def trial(self, index: int, data: dict[str, Any]) -> None:
+        self._store.add_trial(self._job_id, index, data)
+
     def check_cancelled(self) -> None:
         now = time.monotonic()
         if now - self._last_cancel_check < self._settings.cancel_poll_seconds:
@@ -66,7 +69,9 @@ def execute_job(job_id: str, store: JobStore, settings: Settings) -> str | None:
     reporter = StoreReporter(store, job_id, settings)
     try:
         spec = MergeSpec.model_validate(job.spec)
-        outcome = run_merge_job(spec, output_dir, settings, reporter)
+        tenant = store.tenant_of(job_id)
+        datasets = {d: store.get_dataset(tenant, d) for d in spec.dataset_ids()}
+        outcome = run_merge_job(spec, output_dir, settings, reporter, datasets)
     except JobCancelled as exc:
         shutil.rmtree(output_dir, ignore_errors=True)
         store.finish(job_id, "cancelled", error=exc.as_dict())

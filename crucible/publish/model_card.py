@@ -67,12 +67,14 @@ def render_model_card(
     params: dict[str, Any],
     files: list[dict[str, Any]],
     report: dict[str, Any] | None = None,
+    tuning: dict[str, Any] | None = None,
 ) -> str:
     """Render README.md.
 
     inputs: [{"role": "base"|"expert", "name", "uri", "revision", "commit", "weight"}]
     files: [{"path", "sha256", "bytes"}] (the manifest, README excluded).
     report: the merge report (crucible.report.MergeReport.as_dict()), summarised.
+    tuning: the tuning summary (crucible.tune.stage), when the params were tuned.
     """
     base_models: list[str] = []
     for item in sorted(inputs, key=lambda i: i.get("role") != "base"):  # base first
@@ -116,6 +118,8 @@ def render_model_card(
             f"| {_cell(item.get('role'))} | {_cell(item.get('name'))} | {_code(item.get('uri'))}"
             f" | {_code(item.get('revision'))} | {_code(item.get('commit'))} | {_cell(weight)} |"
         )
+    if tuning is not None:
+        lines += ["", *_tuning_section(tuning)]
     if report is not None:
         lines += ["", *_numerics_section(report)]
     spec_yaml = yaml.safe_dump(_redact(spec), sort_keys=False, allow_unicode=True)
@@ -153,4 +157,39 @@ def _numerics_section(report: dict[str, Any]) -> list[str]:
             f"- Tensors whose shapes differ between models, not merged (policy "
             f"`{_cell(mismatch.get('policy'))}`): {', '.join(_code(n) for n in list(tensors)[:10])}"
         )
+    return lines
+
+
+def _score(block: Any) -> str:
+    if not isinstance(block, dict) or block.get("value") is None:
+        return "-"
+    return f"{float(block['value']):.4f}"
+
+
+def _tuning_section(tuning: dict[str, Any]) -> list[str]:
+    metric = _cell(tuning.get("metric"))
+    lines = [
+        "## Tuning",
+        "",
+        f"Hyperparameters tuned by Bayesian optimisation ({_cell(tuning.get('trials'))} trials, "
+        f"groups `{_cell(tuning.get('groups'))}`, {_cell(tuning.get('group_count'))} groups) "
+        f"on the validation split; the best trial (#{_cell(tuning.get('best_trial'))}) is the "
+        "published model, scored once on the held-out test split. Per-trial records: "
+        "`GET /v1/merges/{id}/trials`.",
+        "",
+        f"| split | {metric} |",
+        "|---|---:|",
+        f"| validation, method defaults (trial 0) | {_score(tuning.get('default_validation'))} |",
+        f"| validation, best trial | {_score(tuning.get('validation'))} |",
+        f"| test, published model | {_score(tuning.get('test'))} |",
+    ]
+    test = tuning.get("test")
+    per_task = test.get("per_task") if isinstance(test, dict) else None
+    if per_task:
+        experts = (tuning.get("experts_test") or {}).get("per_task", {})
+        lines += ["", f"| task | test {metric} | expert's own |", "|---|---:|---:|"]
+        for task, value in per_task.items():
+            own = experts.get(task)
+            own_cell = f"{float(own):.4f}" if own is not None else "-"
+            lines.append(f"| {_cell(task)} | {float(value):.4f} | {own_cell} |")
     return lines

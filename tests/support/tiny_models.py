@@ -6,10 +6,18 @@ tensor's own magnitude, the way a short fine-tune moves every weight a little.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 TINY_GPT2 = {
     "n_layer": 2,
@@ -70,5 +78,109 @@ def make_gpt2_family(
         model.load_state_dict(perturbed_state_dict(base_state, generator))
         expert_dir = root / f"expert_{i}"
         model.save_pretrained(expert_dir, **save_kwargs)
+        experts.append(expert_dir)
+    return base_dir, experts
+
+
+# A tiny word-level vocabulary: enough for texts the tests generate, saved with the models
+# so the statistics and evaluation stages find a tokenizer (no downloads).
+TINY_WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "log",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "fast",
+    "slow",
+    "happy",
+    "sad",
+    "good",
+    "bad",
+    "film",
+    "book",
+    "song",
+    "game",
+    "very",
+    "not",
+    "quite",
+    "rather",
+    "movie",
+    "story",
+    "tune",
+    "play",
+]
+
+
+def tiny_word_tokenizer() -> PreTrainedTokenizerFast:
+    """A BERT-style ([CLS] text [SEP]) word-level tokenizer over TINY_WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate([*specials, *TINY_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+
+
+def tiny_texts(n: int, seed: int) -> list[str]:
+    """`n` short sentences of TINY_WORDS, 3 to 9 words each (so batches need padding)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(TINY_WORDS, k=rng.randint(3, 9))) for _ in range(n)]
+
+
+def make_bert_classifier_family(
+    root: Path, label_sets: list[list[str]], seed: int = 0
+) -> tuple[Path, list[Path]]:
+    """A tiny BERT base saved from BertModel (names `encoder...`, with a tokenizer) and one
+    expert per label set saved from BertForSequenceClassification (names `bert.encoder...`
+    plus a `classifier` head of its own size): the base plus a perturbation of every tensor,
+    the layout of real fine-tuned classifiers."""
+    root = Path(root)
+    torch.manual_seed(seed)
+    tokenizer = tiny_word_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    base = BertModel(config).eval()
+    base_dir = root / "base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    experts: list[Path] = []
+    for i, labels in enumerate(label_sets):
+        generator = torch.Generator().manual_seed(seed * 1000 + i + 1)
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+        cfg = BertConfig(
+            **fields,
+            id2label=dict(enumerate(labels)),
+            label2id={label: j for j, label in enumerate(labels)},
+        )
+        model = BertForSequenceClassification(cfg).eval()
+        model.bert.load_state_dict(perturbed_state_dict(base.state_dict(), generator, 0.2))
+        expert_dir = root / f"expert_{i}"
+        model.save_pretrained(expert_dir)
+        tokenizer.save_pretrained(expert_dir)
         experts.append(expert_dir)
     return base_dir, experts
