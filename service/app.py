@@ -12,7 +12,7 @@ from crucible.queue import make_celery
 from crucible.settings import Settings, get_settings
 from crucible.store import JobStore
 from service.errors import install_error_handlers
-from service.routes import merges, meta
+from service.routes import datasets, merges, meta
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,9 +30,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.store = JobStore(settings.resolved_database_url)
+    app.state.store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
     app.include_router(merges.router)
+    app.include_router(datasets.router)
     app.include_router(meta.router)
     return app

@@ -38,11 +38,14 @@ _CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 class DatasetFormatError(CrucibleError):
     """The file cannot be read as its format (truncated, not UTF-8, malformed); `row` is
-    the 1-based row (line for JSON Lines) where reading stopped, None for the whole file."""
+    the 1-based row (line for JSON Lines) where reading stopped, None for the whole file;
+    `reason` is the message without that location."""
 
-    def __init__(self, message: str, row: int | None = None) -> None:
+    def __init__(self, reason: str, row: int | None = None, unit: str = "row") -> None:
+        message = reason if row is None else f"{unit} {row}: {reason}"
         super().__init__("invalid_dataset", message, {"row": row} if row is not None else None)
         self.row = row
+        self.reason = reason
 
 
 def format_from_filename(filename: str) -> DatasetFormat | None:
@@ -76,7 +79,7 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DatasetFormatError(
-                    f"line {line_no} (byte {start + exc.start}): not valid UTF-8", line_no
+                    f"not valid UTF-8 at byte {start + exc.start}", line_no, "line"
                 ) from exc
             if line_no == 1:
                 line = line.removeprefix("\ufeff")
@@ -91,14 +94,14 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 elif not raw.endswith(b"\n"):
                     hint = " (the file ends mid-record: truncated?)"
                 raise DatasetFormatError(
-                    f"line {line_no} (byte {start + len(line[: exc.pos].encode())}): "
-                    f"invalid JSON: {exc.msg}{hint}",
+                    f"invalid JSON at byte {start + len(line[: exc.pos].encode())}: "
+                    f"{exc.msg}{hint}",
                     line_no,
+                    "line",
                 ) from exc
             if not isinstance(value, dict):
                 raise DatasetFormatError(
-                    f"line {line_no}: expected a JSON object, got {type(value).__name__}",
-                    line_no,
+                    f"expected a JSON object, got {type(value).__name__}", line_no, "line"
                 )
             yield line_no, value
 
@@ -114,13 +117,10 @@ def _csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 row_no += 1
                 yield row_no, row
         except UnicodeDecodeError as exc:
-            raise DatasetFormatError(
-                f"row {row_no + 1}: not valid UTF-8 (byte {exc.start} of a read block)",
-                row_no + 1,
-            ) from exc
+            raise DatasetFormatError("not valid UTF-8", row_no + 1) from exc
         except csv.Error as exc:
             raise DatasetFormatError(
-                f"row {row_no + 1} (line {reader.line_num}): malformed CSV: {exc}", row_no + 1
+                f"malformed CSV (file line {reader.line_num}): {exc}", row_no + 1
             ) from exc
 
 
@@ -137,6 +137,5 @@ def _parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield row_no, row
     except (pa.ArrowException, OSError) as exc:
         raise DatasetFormatError(
-            f"row {row_no + 1}: Parquet data unreadable (corrupt or truncated): {exc}",
-            row_no + 1,
+            f"Parquet data unreadable (corrupt or truncated): {exc}", row_no + 1
         ) from exc

@@ -142,8 +142,7 @@ def row_problem(row: dict[str, Any], schema: SchemaName) -> str | None:
     for column in sorted(expected - {"label"}):
         value = row[column]
         if not isinstance(value, str):
-            hint = " (fewer fields than the header?)" if value is None else ""
-            return f"{column} is {_type_name(value)}, expected a string{hint}"
+            return f"{column} is {_type_name(value)}, expected a string"
         if not value.strip():
             return f"{column} is empty"
     if schema == "classification":
@@ -219,7 +218,10 @@ def validate_file(
                     )
             rows += 1
             row = normalize_row(raw, fmt)
-            problem = row_problem(row, schema)
+            if fmt == "csv" and None in row.values():  # csv.DictReader pads short rows
+                problem: str | None = "fewer fields than the header"
+            else:
+                problem = row_problem(row, schema)
             if problem is None and schema == "classification":
                 label = row["label"]
                 if label_type is None:
@@ -241,7 +243,7 @@ def validate_file(
                     more = True
                     break
     except DatasetFormatError as exc:
-        bad.append(BadRow(exc.row, exc.message))
+        bad.append(BadRow(exc.row, exc.reason))
     if bad:
         raise DatasetInvalid(bad, more)
     if schema is None:

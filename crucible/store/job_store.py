@@ -8,12 +8,8 @@ the winner. Everything returned is a pydantic ``crucible.spec.Job``, never an OR
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import re
-import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +35,11 @@ from crucible.spec import (
     Progress,
 )
 from crucible.store.api_keys import ApiKeyMixin
+from crucible.store.cursors import decode_cursor, encode_cursor, new_job_id
+from crucible.store.datasets import DatasetMixin, TrialMixin
 from crucible.store.models import JobEventRow, JobRow, now_utc
+
+__all__ = ["JobStore", "decode_cursor", "encode_cursor", "new_job_id"]
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 EVENTS_PER_JOB = 100
@@ -53,7 +53,6 @@ _IMMEDIATE = "crucible_sqlite_immediate"
 _MIGRATION_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"crucible.store.migrate").digest()[:8], "big", signed=True
 )
-_JOB_ID = re.compile(r"job_[0-9a-f]{24}")
 
 
 class IdempotencyConflict(Exception):
@@ -65,56 +64,6 @@ class IdempotencyConflict(Exception):
 
     def __str__(self) -> str:
         return f"idempotency key already used for job {self.job_id} with a different body"
-
-
-class _JobIds:
-    """``job_`` + 12 hex of Unix milliseconds + 12 hex of randomness.
-
-    Ids sort in creation order across processes to the millisecond; within one process the
-    random part counts up inside a millisecond so that ids made back to back still sort.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last = (0, 0)
-
-    def new(self) -> str:
-        with self._lock:
-            ms = time.time_ns() // 1_000_000
-            last_ms, last_rand = self._last
-            if ms <= last_ms:
-                ms, rand = last_ms, last_rand + 1
-                if rand >= 1 << 48:
-                    ms, rand = ms + 1, secrets.randbits(47)
-            else:
-                # 47 bits leave headroom to count up within the millisecond.
-                rand = secrets.randbits(47)
-            self._last = (ms, rand)
-        return f"job_{ms:012x}{rand:012x}"
-
-
-_job_ids = _JobIds()
-
-
-def new_job_id() -> str:
-    return _job_ids.new()
-
-
-def encode_cursor(job_id: str) -> str:
-    return base64.urlsafe_b64encode(job_id.encode()).rstrip(b"=").decode()
-
-
-def decode_cursor(cursor: str) -> str:
-    """The job id inside a cursor; ValueError for anything we did not hand out."""
-    try:
-        raw = cursor.encode("ascii")
-        job_id = base64.b64decode(raw + b"=" * (-len(raw) % 4), altchars=b"-_", validate=True)
-        decoded = job_id.decode("ascii")
-    except ValueError as exc:  # binascii.Error and Unicode errors are ValueErrors
-        raise ValueError("malformed cursor") from exc
-    if not _JOB_ID.fullmatch(decoded):
-        raise ValueError("malformed cursor")
-    return decoded
 
 
 def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
@@ -210,13 +159,24 @@ def _job_from_row(row: JobRow, events: Sequence[JobEvent] = ()) -> Job:
     )
 
 
-class JobStore(ApiKeyMixin):
-    """Jobs, job events and API keys in one SQL database (SQLite file or PostgreSQL)."""
+class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin):
+    """Jobs, job events, API keys, datasets and tuning trials in one SQL database (SQLite
+    file or PostgreSQL). Dataset blobs live under ``artifacts_root`` (the settings' one
+    when not given)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, artifacts_root: Path | None = None) -> None:
         self.url = url
         self.engine: Engine = make_engine(url)
         self.dialect = self.engine.dialect.name
+        self._artifacts_root = artifacts_root
+
+    @property
+    def artifacts_root(self) -> Path:
+        if self._artifacts_root is None:
+            from crucible.settings import get_settings
+
+            self._artifacts_root = get_settings().artifacts_root
+        return self._artifacts_root
 
     def close(self) -> None:
         self.engine.dispose()
@@ -366,6 +326,16 @@ class JobStore(ApiKeyMixin):
         """The job; with a tenant, another tenant's job is None (as if it did not exist)."""
         with self._tx() as session:
             return self._get(session, job_id, tenant)
+
+    def tenant_of(self, job_id: str) -> str:
+        """The job's tenant (the worker looks datasets up as that tenant); KeyError if none."""
+        with self._tx() as session:
+            tenant = session.execute(
+                select(JobRow.tenant).where(JobRow.id == job_id)
+            ).scalar_one_or_none()
+        if tenant is None:
+            raise KeyError(job_id)
+        return str(tenant)
 
     def list_jobs(
         self, tenant: str, status: str | None, limit: int, cursor: str | None

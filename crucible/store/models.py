@@ -118,3 +118,39 @@ class ApiKeyRow(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (
+        # Listing is "this tenant's datasets, newest first".
+        Index("ix_datasets_tenant_id", "tenant", "id"),
+        # Deleting asks whether another row still uses the same blob.
+        Index("ix_datasets_sha256_format", "sha256", "format"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    # Column "schema"; the attribute is row_schema so it never reads as a database schema.
+    row_schema: Mapped[str] = mapped_column("schema", String(32))
+    rows: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # Classification: [{"label": str | int, "count": int}] sorted by label; [] otherwise.
+    labels: Mapped[list[dict[str, Any]]] = mapped_column(JSONDoc)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class TrialRow(Base):
+    __tablename__ = "trials"
+    # One row per (job, trial index): a re-run of a trial overwrites it.
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_trials_job_id_index"),)
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column("index", Integer)
+    data: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
 
 from crucible.queue import enqueue_merge
 from crucible.settings import Settings
 from crucible.sources.uri import parse_uri
 from crucible.spec import Job, JobPage, JobStatus, MergeSpec
 from crucible.store import IdempotencyConflict, JobStore
+from crucible.store.datasets import best_trial
 from service.auth import Tenant
 from service.errors import ApiError
 
@@ -54,7 +56,45 @@ def _check_limits_and_paths(spec: MergeSpec, settings: Settings) -> None:
             )
 
 
-@router.post("", status_code=202, response_model=Job, responses={**_ERRORS, 409: {}, 503: {}})
+def _dataset_fields(spec: MergeSpec) -> list[tuple[str, str]]:
+    """(field, dataset id) for every dataset reference in the spec."""
+    refs = [(f"experts.{i}.dataset", e.dataset) for i, e in enumerate(spec.experts) if e.dataset]
+    if spec.tuning is not None:
+        d = spec.tuning.dataset
+        if isinstance(d, dict):
+            refs += [(f"tuning.dataset.{name}", ds) for name, ds in d.items()]
+        else:
+            refs.append(("tuning.dataset", d))
+    return refs
+
+
+def _check_datasets(spec: MergeSpec, store: JobStore, tenant: str) -> None:
+    """Every referenced dataset is the caller's; another tenant's reads as unknown."""
+    wanted = spec.dataset_ids()
+    found = store.existing_dataset_ids(tenant, wanted)
+    missing = [ds for ds in wanted if ds not in found]
+    if not missing:
+        return
+    field, first = next((f, ds) for f, ds in _dataset_fields(spec) if ds in missing)
+    raise ApiError(
+        404,
+        "dataset_not_found",
+        f"{field}: no dataset {first!r} (upload one with POST /v1/datasets)",
+        {"field": field, "dataset_id": first, "missing": missing},
+    )
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    responses={
+        **_ERRORS,
+        404: {"description": "A referenced dataset is not this tenant's (dataset_not_found)"},
+        409: {},
+        503: {},
+    },
+)
 def submit_merge(
     spec: MergeSpec,
     request: Request,
@@ -66,6 +106,7 @@ def submit_merge(
     job (200 instead of 202 when it already existed); another body under the key is a 409."""
     store, settings = _store(request), _settings(request)
     _check_limits_and_paths(spec, settings)
+    _check_datasets(spec, store, tenant)
     try:
         job, created = store.create_job(
             tenant, spec.model_dump(mode="json"), spec.digest(), idempotency_key
@@ -136,6 +177,24 @@ def cancel_merge(job_id: str, request: Request, tenant: Tenant) -> Job:
     if job is None:
         raise ApiError(404, "not_found", f"no merge job {job_id!r}")
     return job
+
+
+class TrialPage(BaseModel):
+    items: list[dict[str, Any]] = Field(
+        description="Every recorded tuning trial, by index: what the tuner recorded (params, "
+        "objective, metric, seconds, ...) plus `index`."
+    )
+    best: int | None = Field(
+        default=None, description="The index of the trial with the largest `objective`."
+    )
+
+
+@router.get("/{job_id}/trials", response_model=TrialPage, responses=_ERRORS)
+def get_merge_trials(job_id: str, request: Request, tenant: Tenant) -> TrialPage:
+    """The tuning trials recorded so far (empty for a job without tuning)."""
+    _job_or_404(request, tenant, job_id)
+    items = _store(request).list_trials(job_id)
+    return TrialPage(items=items, best=best_trial(items))
 
 
 @router.get(
