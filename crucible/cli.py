@@ -26,7 +26,7 @@ console = Console(stderr=True)
 def _store(settings: Settings) -> Any:
     from crucible.store import JobStore
 
-    store = JobStore(settings.resolved_database_url)
+    store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     store.migrate()
     return store
 

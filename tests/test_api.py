@@ -27,6 +27,8 @@ def app_client(tmp_path: Path) -> Iterator[TestClient]:
         broker_url="memory://",
         allowed_local_dirs=[tmp_path / "models"],
         max_experts=4,
+        max_trials=10,
+        max_samples=100,
     )
     app = create_app(settings)
     with TestClient(app) as client:
@@ -142,7 +144,12 @@ def test_another_tenants_job_is_404(app_client: TestClient, keys: dict) -> None:
         ({"output": {"dtype": "int8"}}, "output.dtype"),
         ({"output": {"uri": "hf://org/out"}}, "output.uri"),
         ({"experts": [{"uri": "hf://a/b", "weight": "heavy"}]}, "experts.0.weight"),
-        ({"tuning": {"trials": 3}}, "tuning"),
+        ({"tuning": {"trials": 3}}, "tuning.dataset"),
+        ({"tuning": {"dataset": "ds_0123456789", "trials": 2, "init_trials": 3}}, "tuning"),
+        ({"tuning": {"dataset": "ds_0123456789", "groups": "rows"}}, "tuning.groups"),
+        ({"tuning": {"dataset": "ds_0123456789", "split": {"validation": 0.8}}}, "tuning.split"),
+        ({"statistics": {"max_samples": 0}}, "statistics.max_samples"),
+        ({"experts": [{"uri": "hf://a/b", "dataset": "not-an-id"}]}, "experts.0.dataset"),
     ],
 )
 def test_bad_specs_are_422_naming_the_field(
@@ -163,6 +170,30 @@ def test_limits_and_local_paths_are_422(app_client: TestClient, keys: dict, tmp_
         app_client.post("/v1/merges", json=many, headers=_auth(keys["acme"])), 422, "limit_exceeded"
     )
     assert "at most 4 experts" in err["message"]
+    for change, field in [
+        (
+            {
+                "experts": [{"uri": "hf://org/e", "dataset": "ds_0123456789"}],
+                "method": {"name": "regmean"},
+                "statistics": {"max_samples": 101},
+            },
+            "statistics.max_samples",
+        ),
+        (
+            {
+                "method": {"name": "ties"},
+                "tuning": {"dataset": "ds_0123456789", "trials": 11, "init_trials": 2},
+            },
+            "tuning.trials",
+        ),
+    ]:
+        err = _error(
+            app_client.post("/v1/merges", json={**SPEC, **change}, headers=_auth(keys["acme"])),
+            422,
+            "limit_exceeded",
+        )
+        assert err["message"].startswith(f"{field}: at most"), err
+        assert err["detail"]["field"] == field
     outside = {**SPEC, "base": {"uri": "file:///etc"}}
     err = _error(
         app_client.post("/v1/merges", json=outside, headers=_auth(keys["acme"])),

@@ -89,7 +89,7 @@ def test_job_succeeds_with_progress_events_and_manifest(
     tmp_path: Path, family: tuple[Path, list[Path]]
 ) -> None:
     settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[family[0].parent])
-    store = JobStore(settings.resolved_database_url)
+    store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     store.migrate()
     job, _ = store.create_job("acme", _spec(family, dtype="bfloat16"), "d", None)
     assert execute_job(job.id, store, settings) == "succeeded"
@@ -113,7 +113,7 @@ def test_local_source_outside_allowed_dirs_fails_the_job(
     tmp_path: Path, family: tuple[Path, list[Path]]
 ) -> None:
     settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[tmp_path / "elsewhere"])
-    store = JobStore(settings.resolved_database_url)
+    store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     store.migrate()
     job, _ = store.create_job("acme", _spec(family), "d", None)
     assert execute_job(job.id, store, settings) == "failed"

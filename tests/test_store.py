@@ -109,7 +109,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
         s = JobStore(request.getfixturevalue("pg_url"))
         s.migrate()
         with s.engine.begin() as conn:
-            conn.execute(text("TRUNCATE jobs, job_events, api_keys"))
+            conn.execute(text("TRUNCATE jobs, job_events, api_keys, datasets, trials"))
     yield s
     s.close()
 
@@ -421,7 +421,7 @@ def test_migrate_twice_is_a_noop(store: JobStore) -> None:
     store.migrate()
     assert set(inspect(store.engine).get_table_names()) == tables
     assert {"jobs", "job_events", "api_keys", "alembic_version"} <= tables
-    assert store.current_revision() == head_revision() == "0001"
+    assert store.current_revision() == head_revision() == "0002"
     assert store.get_job(job.id) == job
 
 
@@ -504,20 +504,20 @@ def test_alembic_revision_renders_from_template(tmp_path: Path) -> None:
     cfg.set_main_option(
         "version_locations", os.pathsep.join([str(MIGRATIONS_DIR / "versions"), str(versions)])
     )
-    command.revision(cfg, "add something", rev_id="0002", version_path=str(versions))
-    [path] = versions.glob("0002_*.py")
-    spec = importlib.util.spec_from_file_location("rev0002", path)
+    command.revision(cfg, "add something", rev_id="0003", version_path=str(versions))
+    [path] = versions.glob("0003_*.py")
+    spec = importlib.util.spec_from_file_location("rev0003", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (module.revision, module.down_revision) == ("0002", "0001")
+    assert (module.revision, module.down_revision) == ("0003", "0002")
 
     store = JobStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
     try:
         with store.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-        assert store.current_revision() == "0002"
+        assert store.current_revision() == "0003"
     finally:
         store.close()
 

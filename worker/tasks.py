@@ -14,7 +14,7 @@ from worker.app import celery
 @cache
 def _context() -> tuple[JobStore, Settings]:
     settings = get_settings()
-    store = JobStore(settings.resolved_database_url)
+    store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     store.migrate()
     return store, settings
 

@@ -43,6 +43,24 @@ def _check_limits_and_paths(spec: MergeSpec, settings: Settings) -> None:
             f"experts: at most {settings.max_experts} experts per job (got {len(spec.experts)})",
             {"field": "experts", "limit": settings.max_experts},
         )
+    caps = []
+    if spec.needs_grams():  # the statistics section has defaults; it counts when used
+        caps.append(("statistics.max_samples", spec.statistics.max_samples, "max_samples"))
+    if spec.tuning is not None:
+        caps += [
+            ("tuning.trials", spec.tuning.trials, "max_trials"),
+            ("tuning.max_samples", spec.tuning.max_samples, "max_samples"),
+        ]
+    for field, value, setting in caps:
+        limit = getattr(settings, setting)
+        if value > limit:
+            raise ApiError(
+                422,
+                "limit_exceeded",
+                f"{field}: at most {limit} on this server (got {value}; CRUCIBLE_"
+                f"{setting.upper()})",
+                {"field": field, "limit": limit},
+            )
     refs = [("base", spec.base), *((f"experts.{i}", e) for i, e in enumerate(spec.experts))]
     for field, ref in refs:
         parsed = parse_uri(ref.uri)
