@@ -60,6 +60,7 @@ from crucible.methods.base import (
     mean_of_task_vectors,
 )
 from crucible.methods.linalg import solve_right_general, thin_svd
+from crucible.stats.data_free import centred_covariance
 
 if TYPE_CHECKING:
     import torch
@@ -144,8 +145,7 @@ def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     b = torch.zeros_like(ctx.base)
     eps_used: list[float] = []
     for tau in taus:
-        centred = tau - tau.mean(dim=0, keepdim=True)
-        sigma = centred.T @ centred
+        sigma, centred = centred_covariance(tau)
         trace = float(sigma.diagonal().sum()) + TINY
         if flag:
             sigma.div_(trace)

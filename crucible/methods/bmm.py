@@ -56,6 +56,7 @@ from pydantic import Field, ValidationError, model_validator
 from crucible.methods.base import MethodInfo, MethodParams, TensorContext, check_context, is_matrix
 from crucible.methods.linalg import solve_right_spd
 from crucible.methods.regmean import check_weights, checked_grams, shrink_off_diagonal_
+from crucible.stats.data_free import task_vector_gram
 
 if TYPE_CHECKING:
     import torch
@@ -183,13 +184,6 @@ def anchor_merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     return w_a
 
 
-def data_free_gram(tau: torch.Tensor) -> torch.Tensor:
-    """tau^T tau / ||tau||_F^2; a zero task vector gives the zero matrix."""
-    gram = tau.T @ tau
-    norm2 = float(gram.diagonal().sum())
-    return gram.div_(norm2) if norm2 > 0 else gram
-
-
 def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     import torch
 
@@ -216,12 +210,12 @@ def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
         tau = expert - ctx.base
         # beta_t G_t, a new tensor in every branch (ctx.grams are never modified).
         if activation_grams is None:
-            gram = data_free_gram(tau).mul_(beta)
+            gram = task_vector_gram(tau).mul_(beta)
         elif p.gram == "activations":
             gram = activation_grams[t] * beta
         else:
             gram = activation_grams[t] * (beta * p.hybrid_weight)
-            gram.add_(data_free_gram(tau), alpha=beta * (1 - p.hybrid_weight))
+            gram.add_(task_vector_gram(tau), alpha=beta * (1 - p.hybrid_weight))
         shrink_off_diagonal_(gram, p.alpha)
         precision.add_(gram)
         evidence.add_(tau.sub_(tau_a) @ gram)

@@ -74,6 +74,7 @@ from crucible.methods.base import (
     merge_matrix_or_mean,
 )
 from crucible.methods.linalg import solve_right_spd
+from crucible.stats.data_free import task_vector_gram
 
 if TYPE_CHECKING:
     import torch
@@ -178,7 +179,7 @@ def surrogate_grams(
     for tau_t, n_t in zip(taus, norms, strict=True):
         if n_t == 0:
             continue
-        g_t = (tau_t.T @ tau_t).div_(n_t)
+        g_t = task_vector_gram(tau_t)
         s.add_(g_t)
         b.add_(tau_t @ g_t)
         del g_t
