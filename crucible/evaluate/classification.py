@@ -207,7 +207,10 @@ class ClassificationEvaluator:
 
         # The expert's tensors the base lacks, under the names the classifier model uses.
         expert_only = align_names(base.tensors, expert.tensors).expert_only
-        to_model = align_names(expert.tensors, model_keys).to_expert
+        # Only the expert-only names are lined up with the classifier's keys: the pipeline
+        # may hand over an expert already renamed to the base's names, while its head keeps
+        # the names it was saved with (those of this very class).
+        to_model = align_names(expert_only, model_keys).to_expert
         with TensorReader(expert) as reader:
             loaded = {
                 to_model[n]: self._placed(reader.read(n)) for n in expert_only if n in to_model

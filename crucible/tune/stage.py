@@ -44,7 +44,7 @@ from crucible.sources.resolve import open_artifact_folder
 from crucible.sources.tensor_reader import TensorReader
 from crucible.spec import TUNABLE_PARAMS, MergeSpec
 from crucible.tune.factorized import FactorizedModule, build_factorized
-from crucible.tune.optimizer import run_tuning
+from crucible.tune.optimizer import TrialRecord, run_tuning
 from crucible.tune.space import GroupValues, SearchSpace, module_groups, override_rules
 
 if TYPE_CHECKING:
@@ -54,14 +54,6 @@ if TYPE_CHECKING:
 
 # Tuning holds every module's factorization in host memory; past this it refuses clearly.
 TUNE_MEMORY_FRACTION = 0.5
-
-
-@dataclass
-class _Module:
-    name: str
-    factorized: FactorizedModule
-    transposed: bool
-    out_dtype: torch.dtype
 
 
 @dataclass
@@ -81,12 +73,23 @@ class TuningOutcome:
         summary = dict(self.summary)
         summary["published_validation"] = _result(validation)
         if self.evaluator.examples("test"):
-            summary["test"] = _result(self.evaluator.evaluate("test"))
-            experts = getattr(self.evaluator, "expert_scores", None)
-            if experts is not None:
-                summary["experts_test"] = _result(experts("test"))
+            test = self.evaluator.evaluate("test")
+            summary["test"] = _result(test)
+            expert_scores = getattr(self.evaluator, "expert_scores", None)
+            if expert_scores is not None:
+                own: dict[str, float] = expert_scores("test")
+                summary["experts_test"] = {"per_task": own, "value": _mean(own.values())}
+                if test.metric == "accuracy":
+                    # Normalised accuracy (merged / the expert's own), the merging papers' score.
+                    ratios = [test.per_task[t] / a for t, a in own.items() if a > 0]
+                    summary["normalized_test"] = _mean(ratios) if ratios else None
         reporter.progress(2, 2, "splits")
         return summary
+
+
+def _mean(values: Any) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _result(r: EvalResult) -> dict[str, Any]:
@@ -135,7 +138,7 @@ def tune_merge(
         f"evaluator ready: {evaluator.metric} on {evaluator.examples('validation')} validation "
         f"and {evaluator.examples('test')} test examples",
     )
-    modules, fixed = _factorize(spec, inputs, settings, reporter, device)
+    modules, fixed = _factorize(spec, inputs, reporter, device)
     if not modules:
         raise CrucibleError(
             "nothing_to_tune",
@@ -170,10 +173,7 @@ def tune_merge(
         for values in batch:
             reporter.check_cancelled()
             t0 = time.perf_counter()
-            tensors = {
-                m.name: _file_layout(m, m.factorized.merged(values[group_of[m.name]]))
-                for m in modules
-            }
+            tensors = {m.name: _merged(m, values[group_of[m.name]]) for m in modules}
             t1 = time.perf_counter()
             evaluator.swapper.swap(tensors)
             del tensors
@@ -193,14 +193,15 @@ def tune_merge(
             out.append(result.objective)
         return out
 
-    def on_trial(record: Any) -> None:
-        index = int(record.index)
+    def on_trial(record: TrialRecord) -> None:
+        index = record.index
         data = {
             "index": index,
-            "phase": getattr(record, "phase", None),
+            "phase": record.phase,
             "params": record.params,
             "objective": record.objective,
             **details[index],
+            "propose_seconds": round(record.propose_seconds, 4),
         }
         reporter.trial(index, data)
         reporter.progress(index + 1, tuning.trials, "trials")
@@ -213,13 +214,21 @@ def tune_merge(
         init_trials=tuning.init_trials,
         batch=tuning.batch,
         seed=tuning.split.seed,
+        maximize=True,  # objectives are "higher is better": accuracy, or -loss
+        start_at_default=True,
         on_trial=on_trial,
         check_cancelled=reporter.check_cancelled,
     )
-    best_index = int(result.best.index)
+    if result.best is None:
+        raise CrucibleError(
+            "tuning_failed",
+            f"every one of the {len(details)} trials gave a NaN or infinite {evaluator.metric}",
+            {"trials": len(details)},
+        )
+    best_index = result.best.index
     best_values: GroupValues = result.best.params
     by_tensor = {g: [m.name for m in modules if group_of[m.name] == g] for g in by_module}
-    rules = override_rules(best_values, by_tensor)
+    rules = override_rules(best_values, by_tensor, fallback=space.defaults)
     raw = spec.model_dump(mode="json")
     raw["method"]["params"].update(rules)
     tuned_spec = MergeSpec.model_validate(raw)
@@ -258,21 +267,20 @@ def tune_merge(
     return TuningOutcome(tuned_spec, summary, evaluator, seconds)
 
 
-def _file_layout(module: _Module, merged: torch.Tensor) -> torch.Tensor:
+def _merged(module: FactorizedModule, values: dict[str, float]) -> torch.Tensor:
+    """One trial's tensor in file layout, rounded to the output dtype (so a trial scores
+    the weights the merge stage would publish), on the CPU for the swap."""
+    merged = module.merged(values)
     check_finite(module.name, merged)
-    if module.transposed:
-        merged = merged.T
-    # Rounded to the output dtype, so a trial scores the weights the merge would publish.
-    return merged.to(device="cpu", dtype=module.out_dtype)
+    return merged.to(device="cpu")
 
 
 def _factorize(
     spec: MergeSpec,
     inputs: MergeInputs,
-    settings: Settings,
     reporter: Reporter,
     device: torch.device,
-) -> tuple[list[_Module], dict[str, torch.Tensor]]:
+) -> tuple[list[FactorizedModule], dict[str, torch.Tensor]]:
     """(the tuned tensors' factorizations, the merged values of every other merged tensor)."""
     method = get_method(spec.method.name)
     base = inputs.base
@@ -287,7 +295,7 @@ def _factorize(
     weights = [e.weight for e in spec.experts]
     budget = int(TUNE_MEMORY_FRACTION * _host_memory())
     held = 0
-    modules: list[_Module] = []
+    modules: list[FactorizedModule] = []
     fixed: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         base_reader = stack.enter_context(TensorReader(base))
@@ -312,8 +320,10 @@ def _factorize(
                 check_finite(name, merged)
                 fixed[name] = (merged.T if flip else merged).to(device="cpu", dtype=out_dtype)
             else:
-                module = _Module(name, build_factorized(method.name, params, ctx), flip, out_dtype)
-                held += module.factorized.nbytes
+                module = build_factorized(
+                    method.name, params, ctx, transposed=flip, dtype=out_dtype
+                )
+                held += module.nbytes
                 if held > budget:
                     raise CrucibleError(
                         "limit_exceeded",
