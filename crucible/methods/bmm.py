@@ -184,26 +184,18 @@ def anchor_merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     return w_a
 
 
-def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
+def posterior_terms(
+    ctx: TensorContext, p: Params, tau_a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P0, E) = (sum_t beta_t G_t, sum_t beta_t (tau_t - tau_a) G_t) with the Grams of
+    p.gram, shrunk by p.alpha: the data side of the posterior, shared by merge and by the
+    tuner's factorization (crucible/tune/factorized.py), so the two cannot drift."""
     import torch
 
-    check_context(ctx)
-    check_weights(ctx, "bmm")
-    diag: dict[str, Any] = ctx.diagnostics
-    w_a = anchor_merge(ctx, p)
-    if not is_matrix(ctx):
-        diag["rule"] = "anchor (not a matrix tensor)"
-        return w_a
-    if p.gram != "data_free" and ctx.grams is None:
-        diag["rule"] = "anchor (no activation Gram for this tensor)"
-        return w_a
     activation_grams = checked_grams(ctx) if p.gram != "data_free" else None
-    tau_a = w_a - ctx.base
-    del w_a
-
     d_in = ctx.base.shape[-1]
     precision = torch.zeros((d_in, d_in), dtype=ctx.base.dtype, device=ctx.base.device)
-    evidence = torch.zeros_like(ctx.base)  # sum_t beta_t (tau_t - tau_a) G_t
+    evidence = torch.zeros_like(ctx.base)
     for t, (expert, beta) in enumerate(zip(ctx.experts, ctx.weights, strict=True)):
         if beta == 0:
             continue
@@ -220,7 +212,25 @@ def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
         precision.add_(gram)
         evidence.add_(tau.sub_(tau_a) @ gram)
         del tau, gram
+    return precision, evidence
 
+
+def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
+
+    check_context(ctx)
+    check_weights(ctx, "bmm")
+    diag: dict[str, Any] = ctx.diagnostics
+    w_a = anchor_merge(ctx, p)
+    if not is_matrix(ctx):
+        diag["rule"] = "anchor (not a matrix tensor)"
+        return w_a
+    if p.gram != "data_free" and ctx.grams is None:
+        diag["rule"] = "anchor (no activation Gram for this tensor)"
+        return w_a
+    tau_a = w_a - ctx.base
+    del w_a
+    precision, evidence = posterior_terms(ctx, p, tau_a)
+    d_in = ctx.base.shape[-1]
     trace = float(precision.diagonal().sum())
     lam = p.rho * trace / d_in
     diag.update(rule="bmm", gram=p.gram, rho=p.rho, lam=lam, alpha=p.alpha)

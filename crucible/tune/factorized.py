@@ -31,9 +31,8 @@ import torch
 from crucible.methods import bmm
 from crucible.methods.base import MethodParams, TensorContext, check_context, is_matrix
 from crucible.methods.registry import METHODS
-from crucible.methods.regmean import check_weights, checked_grams, shrink_off_diagonal_
+from crucible.methods.regmean import check_weights
 from crucible.spec import TUNABLE_PARAMS
-from crucible.stats.data_free import task_vector_gram
 
 
 class FactorizedModule(ABC):
@@ -163,35 +162,6 @@ class BmmModule(FactorizedModule):
         return self.base + tau * values["scale"]
 
 
-def posterior_terms(
-    ctx: TensorContext, p: bmm.Params, tau_a: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_t beta_t G_t, sum_t beta_t (tau_t - tau_a) G_t) exactly as bmm.merge builds them,
-    from the same public pieces (regmean's Gram checks and shrink, stats' task-vector Gram).
-    Proposed to move into bmm.py, bmm.merge calling it, so the two cannot drift; until then
-    tests/test_tune.py holds this to bmm.merge for every Gram kind."""
-    activation_grams = checked_grams(ctx) if p.gram != "data_free" else None
-    d_in = ctx.base.shape[-1]
-    precision = torch.zeros((d_in, d_in), dtype=ctx.base.dtype, device=ctx.base.device)
-    evidence = torch.zeros_like(ctx.base)
-    for t, (expert, beta) in enumerate(zip(ctx.experts, ctx.weights, strict=True)):
-        if beta == 0:
-            continue
-        tau = expert - ctx.base
-        if activation_grams is None:
-            gram = task_vector_gram(tau).mul_(beta)
-        elif p.gram == "activations":
-            gram = activation_grams[t] * beta
-        else:
-            gram = activation_grams[t] * (beta * p.hybrid_weight)
-            gram.add_(task_vector_gram(tau), alpha=beta * (1 - p.hybrid_weight))
-        shrink_off_diagonal_(gram, p.alpha)
-        precision.add_(gram)
-        evidence.add_(tau.sub_(tau_a) @ gram)
-        del tau, gram
-    return precision, evidence
-
-
 def _build_bmm(
     ctx: TensorContext, p: bmm.Params, defaults: dict[str, float], kw: dict[str, Any]
 ) -> FactorizedModule:
@@ -201,7 +171,7 @@ def _build_bmm(
         return FixedModule(ctx.name, w_a, defaults, **kw)
     tau_a = w_a - ctx.base
     del w_a
-    precision, evidence = posterior_terms(ctx, p, tau_a)
+    precision, evidence = bmm.posterior_terms(ctx, p, tau_a)
     trace = float(precision.diagonal().sum())
     if not trace > 0:  # no evidence: bmm.merge returns base + tau_a * scale
         return ScaledModule(ctx.name, ctx.base, tau_a, defaults, **kw)
