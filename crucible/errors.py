@@ -15,7 +15,9 @@ class CrucibleError(Exception):
     Codes used so far:
       invalid_spec, unsupported_uri, local_path_forbidden,
       source_not_found, source_unavailable, no_weights, corrupt_safetensors,
-      incompatible_models, cancelled, internal.
+      incompatible_models, bad_grams, non_finite, device_unavailable, dataset_not_found,
+      bad_dataset, dataset_mismatch, dataset_too_small, unsupported_model, no_tokenizer,
+      limit_exceeded, nothing_to_tune, tuning_failed, cancelled, internal.
     """
 
     def __init__(self, code: str, message: str, detail: Any = None) -> None:
