@@ -22,6 +22,7 @@ import json
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,18 +169,28 @@ def train_expert(
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (share the CPU)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cache = cache_dir()
+@dataclass(frozen=True)
+class Models:
+    """Where the benchmark's data and models are, once they exist."""
+
+    cache: Path
+    data: dict[str, dict[str, Path]]  # task -> split -> JSONL
+    base: Path
+    experts: dict[str, Path]  # task -> expert folder
+    summary: dict[str, Any]  # experts.json
+
+
+def ensure_models(cache: Path | None = None) -> Models:
+    """Writes the task data, then generates the base and every expert that is missing or
+    stale (idempotent: complete, matching folders are kept)."""
+    cache = cache or cache_dir()
     print(f"cache: {cache}", flush=True)
     write_tasks(cache / "data")
     paths = task_paths(cache / "data")
     base = cache / "models" / "minilm-base"
     make_base(base)
     summary: dict[str, Any] = {"recipe": RECIPE, "experts": {}}
+    experts: dict[str, Path] = {}
     for index, (task, labels) in enumerate(TASKS.items()):
         out = cache / "models" / f"expert-{task}"
         stamp = {
@@ -195,13 +206,23 @@ def main() -> None:
         info = json.loads((out / MARKER).read_text())
         info.pop("stamp")
         summary["experts"][task] = info
+        experts[task] = out
         print(
             f"expert {task}: validation {info['validation_accuracy']:.1%}, "
             f"test {info['test_accuracy']:.1%}, trained in {info['train_seconds']:.0f}s",
             flush=True,
         )
     (cache / "experts.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: {cache / 'experts.json'}", flush=True)
+    return Models(cache, paths, base, experts, summary)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (share the CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    models = ensure_models()
+    print(f"done: {models.cache / 'experts.json'}", flush=True)
 
 
 if __name__ == "__main__":

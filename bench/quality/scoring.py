@@ -62,3 +62,45 @@ def accuracy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: list[Ex
         raise ValueError(f"labels {unknown} are not in the model's label2id {label2id}")
     preds = predict(model, tok, [r.text for r in rows])
     return sum(p == label2id[r.label] for p, r in zip(preds, rows, strict=True)) / len(rows)
+
+
+def load_backbone(folder: Path) -> torch.nn.Module:
+    """The encoder in `folder` (base, merged output or an expert's `bert.*`), refusing a
+    checkpoint that would leave any weight at its random initialisation."""
+    from transformers import AutoModel
+
+    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise SystemExit(f"{folder} lacks encoder weights {sorted(missing)[:5]} ...")
+    return model.eval()
+
+
+class HeadBank:
+    """Every expert's classifier, loaded once; any encoder can be put under their heads.
+
+    Independent of the service's evaluator: the expert is loaded with
+    AutoModelForSequenceClassification and its backbone attribute (`bert`) is replaced."""
+
+    def __init__(self, experts: dict[str, Path]) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.models = {
+            t: AutoModelForSequenceClassification.from_pretrained(p).eval()
+            for t, p in experts.items()
+        }
+        self.tokenizers = {t: AutoTokenizer.from_pretrained(p) for t, p in experts.items()}
+        self._own = {t: getattr(m, m.base_model_prefix) for t, m in self.models.items()}
+
+    def score(
+        self, rows: dict[str, list[Example]], backbone: torch.nn.Module | None = None
+    ) -> dict[str, float]:
+        """Accuracy per task of each expert's head on `backbone` (None: its own encoder)."""
+        out: dict[str, float] = {}
+        for task, model in self.models.items():
+            setattr(model, model.base_model_prefix, backbone or self._own[task])
+            try:
+                out[task] = accuracy(model, self.tokenizers[task], rows[task])
+            finally:
+                setattr(model, model.base_model_prefix, self._own[task])
+        return out
