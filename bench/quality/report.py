@@ -118,6 +118,13 @@ def targets(rows: list[Row]) -> list[str]:
             f"beats task_arithmetic and ties (best of them: {best['label']} at "
             f"{_pct(best['normalized'])}%, {100 * gap:+.1f} points)"
         )
+    for r in rows:
+        share = ((r.get("service_metrics") or {}).get("tuning") or {}).get("merge_and_swap_share")
+        if share is not None:
+            lines.append(
+                f"{'PASS' if share < 0.10 else 'MISS'}: {r['label']}: merge + swap take "
+                f"{_pct(share)}% of a trial (target < 10%)"
+            )
     return lines
 
 

@@ -137,6 +137,7 @@ def spec_for(
             "batch": args.batch,
             # The test files never reach the service: tune on all of validation.
             "split": {"validation": 1.0, "test": 0.0, "seed": 0},
+            "max_samples": args.tune_samples,
         }
     return spec | cfg.extra
 
@@ -233,6 +234,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--init-trials", type=int, default=8)
     parser.add_argument("--groups", default="layer_type")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--tune-samples", type=int, default=512, help="tuning.max_samples (rows per task)"
+    )
     parser.add_argument("--gram-samples", type=int, default=256, help="statistics.max_samples")
     parser.add_argument("--eval-only", action="store_true", help="score base and experts only")
     parser.add_argument(
@@ -290,7 +294,7 @@ def main() -> None:
         "recipe": RECIPE,
         "settings": {
             k: getattr(args, k)
-            for k in ("trials", "init_trials", "groups", "batch", "gram_samples")
+            for k in ("trials", "init_trials", "groups", "batch", "tune_samples", "gram_samples")
         },
         "tasks": {
             t: {"labels": list(TASKS[t]), "rows": models.summary["experts"][t]["rows"]}

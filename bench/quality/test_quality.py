@@ -191,7 +191,12 @@ def test_normalized_accuracy_and_targets() -> None:
         {"id": "ta_0.3", "label": "ta", "per_task": {"t1": 0.45, "t2": 0.8}},
         {"id": "ace", "label": "ace", "per_task": {"t1": 0.9, "t2": 0.4}},
         {"id": "bmm_df", "label": "bmm df", "per_task": {"t1": 0.81, "t2": 0.72}},
-        {"id": "bmm_act_tuned", "label": "bmm", "per_task": {"t1": 0.87, "t2": 0.76}},
+        {
+            "id": "bmm_act_tuned",
+            "label": "bmm",
+            "per_task": {"t1": 0.87, "t2": 0.76},
+            "service_metrics": {"tuning": {"merge_and_swap_share": 0.125}},
+        },
     ]
     summarize(rows)
     assert rows[1]["normalized"] == pytest.approx((0.5 + 1.0) / 2)
@@ -203,3 +208,4 @@ def test_normalized_accuracy_and_targets() -> None:
     assert lines[1].startswith("PASS") and "bmm df" in lines[1]
     assert lines[2].startswith("PASS") and "bmm df" in lines[2]  # 0.9 vs ta 0.75
     assert lines[3].startswith("MISS") and "ace" in lines[3]  # 0.75 vs 0.75: not beaten
+    assert lines[4].startswith("MISS") and "12.5%" in lines[4]  # merge + swap share
