@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PIP_FLAGS ?= -q
 
-.PHONY: setup test-deps demo test lint openapi bench-memory clean
+.PHONY: setup test-deps demo test lint openapi bench-memory bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ openapi: setup
 
 bench-memory: setup
 	$(VENV)/bin/python bench/memory.py
+
+# Real fine-tuned MiniLM experts on fortunes tasks (generated once, ~30 min on 2 CPU cores,
+# cached in $$CRUCIBLE_BENCH_CACHE or ~/.cache/crucible/bench-quality), every method through
+# the service; writes bench/quality/RESULTS.md. Needs Debian's `fortunes` package.
+bench-quality: setup
+	$(VENV)/bin/python bench/quality/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .demo .data
