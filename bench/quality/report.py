@@ -50,8 +50,10 @@ def _wall(r: Row) -> str:
 
 
 def rich_table(rows: list[Row], tasks: list[str]) -> Table:
-    table = Table(title="Merged MiniLM-L6 on 5 fortunes tasks: test accuracy (%)")
-    for col in ("method", "avg", "normalized", *tasks, "job s"):
+    legend = ", ".join(f"T{i + 1} {t}" for i, t in enumerate(tasks))
+    table = Table(title="Merged MiniLM-L6 on 5 fortunes tasks: test accuracy (%)", caption=legend)
+    short = [f"T{i + 1}" for i in range(len(tasks))]
+    for col in ("method", "avg", "normalized", *short, "job s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
         if "per_task" not in r:

@@ -37,7 +37,7 @@ from stack import Stack, submit, trials, upload, wait
 from tasks import TASKS, Example, read_jsonl
 
 HERE = Path(__file__).resolve().parent
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 @dataclass(frozen=True)
@@ -279,8 +279,10 @@ def main() -> None:
                     for split in ("train", "validation")
                 }
             console.print(f"uploaded datasets: {json.dumps(ids)}")
+            partial = models.cache / "results.partial.json"
             for cfg in wanted:
                 table_rows.append(run_config(cfg, stack, client, models, ids, bank, rows, args))
+                partial.write_text(json.dumps(table_rows, indent=2, default=str))
     summarize(table_rows)
     results = {
         "commands": [
