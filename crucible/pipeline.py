@@ -165,10 +165,12 @@ def _resolve(
         expert_only.append(own)
         reporter.progress(2 + i, total, "models")
     labels = [ref.name or f"experts[{i}] ({ref.uri})" for i, ref in enumerate(spec.experts)]
-    shared = [
-        dataclasses.replace(e, tensors={n: t for n, t in e.tensors.items() if n not in set(own)})
-        for e, own in zip(experts, expert_only, strict=True)
-    ]
+    shared = []
+    for e, own in zip(experts, expert_only, strict=True):
+        heads = set(own)
+        shared.append(
+            dataclasses.replace(e, tensors={n: t for n, t in e.tensors.items() if n not in heads})
+        )
     mismatched = check_compatible(
         base, shared, labels, allow_shape_mismatch=spec.shape_mismatch != "fail"
     )

@@ -41,6 +41,16 @@ class Evaluator(Protocol):
     def examples(self, split: Split) -> int: ...
 
 
+def check_metric(metric: str, allowed: tuple[str, ...], data: str) -> None:
+    """A metric the evaluator's kind of data supports, or `dataset_mismatch` naming them."""
+    if metric not in allowed:
+        raise CrucibleError(
+            "dataset_mismatch",
+            f"metric {metric!r} does not apply to {data} data; use {' or '.join(allowed)}",
+            {"metric": metric},
+        )
+
+
 def check_split(split: str) -> Split:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

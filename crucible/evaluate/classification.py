@@ -26,6 +26,7 @@ from crucible.evaluate.base import (
     SPLITS,
     EvalResult,
     Split,
+    check_metric,
     check_split,
     load_config,
     load_tokenizer,
@@ -77,12 +78,7 @@ class ClassificationEvaluator:
     ) -> None:
         from transformers import AutoModel
 
-        if metric not in ("accuracy", "loss"):
-            raise CrucibleError(
-                "dataset_mismatch",
-                f"metric {metric!r} does not apply to classification data; use accuracy or loss",
-                {"metric": metric},
-            )
+        check_metric(metric, ("accuracy", "loss"), "classification")
         if not tasks:
             raise ValueError("ClassificationEvaluator needs at least one task")
         names = [t.name for t in tasks]

@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from crucible.errors import CrucibleError
-from crucible.evaluate.base import EvalResult, Split, check_split, load_config, load_tokenizer
+from crucible.evaluate.base import (
+    EvalResult,
+    Split,
+    check_metric,
+    check_split,
+    load_config,
+    load_tokenizer,
+)
 from crucible.evaluate.batches import Batch, iter_batches
 from crucible.evaluate.swap import WeightSwapper
 from crucible.sources.resolve import ResolvedModel
@@ -61,13 +68,7 @@ class LanguageModelEvaluator:
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        if metric not in ("loss", "perplexity"):
-            raise CrucibleError(
-                "dataset_mismatch",
-                f"metric {metric!r} does not apply to language-modelling data; use loss or "
-                "perplexity",
-                {"metric": metric},
-            )
+        check_metric(metric, ("loss", "perplexity"), "language-modelling")
         if not tasks:
             raise ValueError("LanguageModelEvaluator needs at least one task")
         self.metric = metric

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,18 +79,13 @@ class TuningOutcome:
             expert_scores = getattr(self.evaluator, "expert_scores", None)
             if expert_scores is not None:
                 own: dict[str, float] = expert_scores("test")
-                summary["experts_test"] = {"per_task": own, "value": _mean(own.values())}
+                summary["experts_test"] = {"per_task": own, "value": fmean(own.values())}
                 if test.metric == "accuracy":
                     # Normalised accuracy (merged / the expert's own), the merging papers' score.
                     ratios = [test.per_task[t] / a for t, a in own.items() if a > 0]
-                    summary["normalized_test"] = _mean(ratios) if ratios else None
+                    summary["normalized_test"] = fmean(ratios) if ratios else None
         reporter.progress(2, 2, "splits")
         return summary
-
-
-def _mean(values: Any) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
 
 
 def _result(r: EvalResult) -> dict[str, Any]:
