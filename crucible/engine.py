@@ -202,13 +202,13 @@ def merge_model(
                     out_dtype = FLOAT_CODES[planned_code(code)]
                     params = params_for(name)
                     if method.matrix:
-                        diagnostics = _merge_matrix(
+                        diagnostics = merge_matrix(
                             name, method, params, base_reader, readers, gram_readers,
                             weights, name in transposed, device, out_dtype, writer,
                         )  # fmt: skip
                         report.add_module(name, diagnostics)
                     else:
-                        _merge_blocks(
+                        merge_blocks(
                             name, method, params, base_reader, readers, weights, device,
                             out_dtype, writer,
                         )  # fmt: skip
@@ -288,7 +288,7 @@ def check_finite(name: str, merged: torch.Tensor) -> None:
         )
 
 
-def _merge_blocks(
+def merge_blocks(
     name: str,
     method: MethodInfo,
     params: MethodParams,
@@ -368,7 +368,7 @@ def whole_context(
     )
 
 
-def _merge_matrix(
+def merge_matrix(
     name: str,
     method: MethodInfo,
     params: MethodParams,

@@ -91,7 +91,14 @@ def run_merge_job(
             spec = tuned.spec
         reporter.check_cancelled()
         reporter.stage("merge")
-        metrics, report = merge_model(spec, merge_inputs, staging, reporter, device)
+        if spec.output.format == "lora":
+            from crucible.adapter_merge import merge_to_adapter
+
+            metrics, report = merge_to_adapter(
+                spec, merge_inputs, staging, reporter, device, lowrank=settings.lora_lowrank
+            )
+        else:
+            metrics, report = merge_model(spec, merge_inputs, staging, reporter, device)
         _report_events(report, reporter)
         if tuned is not None:
             reporter.stage("evaluate")
@@ -160,11 +167,24 @@ def _resolve(
     expert_only: list[list[str]] = []
     for i, ref in enumerate(spec.experts):
         reporter.check_cancelled()
-        aligned, own = _aligned(base, resolve_model(ref, settings))
+        expert = resolve_model(ref, settings, base, ref.allow_base_mismatch)
+        if expert.warning:
+            reporter.event("adapter_base_unchecked", expert.warning, {"uri": ref.uri})
+        # An adapter's tensors are already the base's names.
+        aligned, own = (expert, []) if expert.adapter else _aligned(base, expert)
         experts.append(aligned)
         expert_only.append(own)
         reporter.progress(2 + i, total, "models")
     labels = [ref.name or f"experts[{i}] ({ref.uri})" for i, ref in enumerate(spec.experts)]
+    if spec.output.format == "lora":
+        full = [label for label, e in zip(labels, experts, strict=True) if e.adapter is None]
+        if full:
+            raise CrucibleError(
+                "lora_output_needs_adapters",
+                f"output.format lora merges LoRA adapters only; {', '.join(full)} "
+                "is a full model (use format full to merge it)",
+                {"experts": full},
+            )
     shared = []
     for e, own in zip(experts, expert_only, strict=True):
         heads = set(own)
@@ -226,7 +246,7 @@ def _aligned(base: ResolvedModel, expert: ResolvedModel) -> tuple[ResolvedModel,
 def _input_record(
     role: str, name: str | None, uri: str, model: ResolvedModel, weight: float | None
 ) -> dict[str, Any]:
-    return {
+    record: dict[str, Any] = {
         "role": role,
         "name": name,
         "uri": uri,
@@ -234,6 +254,16 @@ def _input_record(
         "commit": model.commit,
         "weight": weight,
     }
+    if model.adapter is not None:
+        ranks = sorted({d.rank for d in model.adapter.deltas.values()})
+        record["adapter"] = {
+            "type": "lora",
+            "ranks": ranks,
+            "modules": len(model.adapter.deltas),
+            "modules_to_save": len(model.adapter.full),
+            "use_rslora": bool(model.adapter.config.get("use_rslora")),
+        }
+    return record
 
 
 def _write_support_files(
@@ -244,7 +274,9 @@ def _write_support_files(
     staging: Path,
     metrics: dict[str, Any],
 ) -> None:
-    copy_support_files(base.root, staging, dtype=spec.output.dtype)
+    copy_support_files(
+        base.root, staging, dtype=spec.output.dtype, adapter=spec.output.format == "lora"
+    )
     report_doc = report.as_dict()
     (staging / REPORT_FILE).write_text(json.dumps(report_doc, indent=1) + "\n", encoding="utf-8")
     weight_files = file_manifest(staging)
@@ -256,5 +288,6 @@ def _write_support_files(
         files=weight_files,
         report=report_doc,
         tuning=metrics.get("tuning"),
+        lora=metrics.get("lora"),
     )
     (staging / "README.md").write_text(card, encoding="utf-8")

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     # Where the merge math runs; storage stays on the CPU. auto: CUDA when there is a GPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_experts: int = 32
+    # LoRA outputs of linear/task_arithmetic merges: factor sum_t c_t B_t A_t through QR of
+    # the stacked factors (never d_out x d_in). false forces the dense SVD (benchmarks).
+    lora_lowrank: bool = True
     # Datasets: the largest upload accepted (bytes; streamed to disk, never held in memory).
     max_dataset_bytes: int = 100 * 1024 * 1024
     # Statistics stage: the float64 Grams held at once; beyond it, modules are collected in

@@ -92,6 +92,14 @@ class ExpertRef(ModelRef):
         ),
     )
 
+    allow_base_mismatch: bool = Field(
+        default=False,
+        description=(
+            "For a LoRA adapter expert: merge it even when its adapter_config.json names a "
+            "base model other than this job's base (shapes are still checked)."
+        ),
+    )
+
     @field_validator("weight")
     @classmethod
     def _finite(cls, v: float) -> float:
@@ -116,7 +124,35 @@ class OutputSpec(_Strict):
     shard_size: int | str = Field(
         default="5GB", validate_default=True, description="Maximum bytes per shard."
     )
-    format: Literal["full"] = "full"
+    format: Literal["full", "lora"] = Field(
+        default="full",
+        description=(
+            "full: merged dense weights. lora: a PEFT LoRA adapter (adapter_config.json + "
+            "adapter_model.safetensors) of the merged ΔW, by truncated SVD per module; every "
+            "expert must then be a LoRA adapter."
+        ),
+    )
+    lora_rank: int | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "format lora: the adapter's rank r (per module, at most min(d_out, d_in)), or "
+            "auto: per module, the smallest rank keeping `lora_energy` of the squared "
+            "singular values (ranks then go to rank_pattern)."
+        ),
+    )
+    lora_energy: float = Field(
+        default=0.999,
+        gt=0,
+        le=1,
+        description="format lora with lora_rank auto: the share of sum sigma^2 kept per module.",
+    )
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _check_rank(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 65536:
+            raise ValueError("lora_rank must be between 1 and 65536, or auto")
+        return v
 
     @field_validator("uri")
     @classmethod
@@ -301,6 +337,23 @@ class MergeSpec(_Strict):
                 raise ValueError(
                     f"tuning.dataset names experts {unknown} that are not in experts[].name "
                     f"({[n for n in names if n]})"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_output_fits(self) -> MergeSpec:
+        if self.output.format != "lora":
+            return self
+        if self.tuning is not None:
+            raise ValueError("tuning with output.format lora is not available yet")
+        params = self.method.params
+        if self.method.name == "linear" and not getattr(params, "normalize", True):
+            total = math.fsum(e.weight for e in self.experts)
+            if abs(total - 1.0) > 1e-9:
+                raise ValueError(
+                    "linear with normalize=false and expert weights summing to "
+                    f"{total:g} gives (sum w - 1) * W0 + sum w ΔW, which a LoRA adapter "
+                    "cannot hold: use normalize=true, weights summing to 1, or format full"
                 )
         return self
 

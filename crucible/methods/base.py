@@ -152,3 +152,7 @@ class MethodInfo:
     # Whether the job must supply per-expert Grams for these params (e.g. regmean always,
     # bmm unless its Gram is data-free). The API refuses a job that needs them but names none.
     needs_grams: Callable[[Any], bool] | None = None
+    # Methods whose merged delta is a fixed linear combination sum_t c_t tau_t of the task
+    # vectors (linear, task_arithmetic): (params, weights) -> [c_t]. A merge of LoRA
+    # adapters into a LoRA output then never forms d_out x d_in (merge-math.md section 11).
+    delta_coefficients: Callable[[Any, list[float]], list[float]] | None = None

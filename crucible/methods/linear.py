@@ -54,6 +54,13 @@ def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     return result.to(dtype)
 
 
+def coefficients(p: Params, weights: list[float]) -> list[float]:
+    """c_t with sum_t w_t W_t / norm = W0 + sum_t c_t tau_t: exact when the weights are
+    normalized (or sum to 1, which the spec requires of a LoRA output)."""
+    divisor = math.fsum(weights) if p.normalize else 1.0
+    return [w / divisor for w in weights]
+
+
 METHOD = MethodInfo(
     name="linear",
     summary=(
@@ -63,4 +70,5 @@ METHOD = MethodInfo(
     params=Params,
     merge=merge,
     elementwise=True,
+    delta_coefficients=coefficients,
 )

@@ -69,6 +69,13 @@ def combine(
     return base + mixed
 
 
+def coefficients(p: Params, weights: list[float]) -> list[float]:
+    """c_t in W0 + sum_t c_t tau_t, as `combine` applies them."""
+    divisor = math.fsum(weights)
+    norm = divisor if p.normalize and abs(divisor) >= WEIGHT_SUM_EPS else 1.0
+    return [p.scale * w / norm for w in weights]
+
+
 def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
     check_context(ctx)
     return combine(ctx.base, ctx.task_vectors(), ctx.weights, scale=p.scale, normalize=p.normalize)
@@ -83,4 +90,5 @@ METHOD = MethodInfo(
     params=Params,
     merge=merge,
     elementwise=True,
+    delta_coefficients=coefficients,
 )

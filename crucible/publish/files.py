@@ -43,8 +43,16 @@ def is_support_file(name: str) -> bool:
     return not name.endswith(_NEVER) and any(fnmatch.fnmatch(name, p) for p in SUPPORT_PATTERNS)
 
 
-def copy_support_files(src_root: Path, out_dir: Path, dtype: str | None = None) -> list[Path]:
-    """Copy config and tokenizer files (top level of `src_root`) into `out_dir`.
+# A model's own config files: not copied next to a LoRA adapter, where a config.json would
+# make the folder look like a model without weights.
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def copy_support_files(
+    src_root: Path, out_dir: Path, dtype: str | None = None, adapter: bool = False
+) -> list[Path]:
+    """Copy config and tokenizer files (top level of `src_root`) into `out_dir`; for an
+    adapter output (`adapter`), the tokenizer files only.
 
     Symlinks are followed (the Hugging Face cache is made of them). With `dtype`
     ("bfloat16", "float16", "float32"), the copied config.json records it when it differs
@@ -57,6 +65,8 @@ def copy_support_files(src_root: Path, out_dir: Path, dtype: str | None = None) 
     written: list[Path] = []
     for src in sorted(src_root.iterdir()):
         if not src.is_file() or not is_support_file(src.name):
+            continue
+        if adapter and src.name in MODEL_CONFIG_FILES:
             continue
         dest = out_dir / src.name
         if src.name == "config.json" and dtype is not None:

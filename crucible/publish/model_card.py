@@ -68,6 +68,7 @@ def render_model_card(
     files: list[dict[str, Any]],
     report: dict[str, Any] | None = None,
     tuning: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> str:
     """Render README.md.
 
@@ -75,6 +76,7 @@ def render_model_card(
     files: [{"path", "sha256", "bytes"}] (the manifest, README excluded).
     report: the merge report (crucible.report.MergeReport.as_dict()), summarised.
     tuning: the tuning summary (crucible.tune.stage), when the params were tuned.
+    lora: the LoRA output summary (crucible.adapter_merge), for output.format lora.
     """
     base_models: list[str] = []
     for item in sorted(inputs, key=lambda i: i.get("role") != "base"):  # base first
@@ -84,16 +86,17 @@ def render_model_card(
     front: dict[str, Any] = {}
     if base_models:
         front["base_model"] = base_models[0] if len(base_models) == 1 else base_models
-    front["tags"] = ["merge", "crucible"]
-    front["library_name"] = "transformers"
+    front["tags"] = ["merge", "crucible", *(["lora"] if lora is not None else [])]
+    front["library_name"] = "peft" if lora is not None else "transformers"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
 
     n_experts = sum(1 for i in inputs if i.get("role") == "expert")
+    what = "a LoRA adapter of the base" if lora is not None else "the base"
     lines += [
-        "# Merged model",
+        "# Merged LoRA adapter" if lora is not None else "# Merged model",
         "",
         f"Produced by Crucible: {n_experts} expert{'s' if n_experts != 1 else ''} merged into "
-        f"the base with the `{_cell(method)}` method.",
+        f"{what} with the `{_cell(method)}` method.",
         "",
         "## Method",
         "",
@@ -120,6 +123,8 @@ def render_model_card(
         )
     if tuning is not None:
         lines += ["", *_tuning_section(tuning)]
+    if lora is not None:
+        lines += ["", *_lora_section(lora)]
     if report is not None:
         lines += ["", *_numerics_section(report)]
     spec_yaml = yaml.safe_dump(_redact(spec), sort_keys=False, allow_unicode=True)
@@ -158,6 +163,27 @@ def _numerics_section(report: dict[str, Any]) -> list[str]:
             f"`{_cell(mismatch.get('policy'))}`): {', '.join(_code(n) for n in list(tensors)[:10])}"
         )
     return lines
+
+
+def _lora_section(lora: dict[str, Any]) -> list[str]:
+    def pct(value: Any) -> str:
+        return f"{100 * float(value):.4g}%" if isinstance(value, int | float) else "-"
+
+    return [
+        "## LoRA output",
+        "",
+        f"Each merged module's ΔW was factored by a truncated SVD into B A with lora_alpha = r "
+        f"(scaling 1); requested rank `{_cell(lora.get('rank'))}`, largest rank "
+        f"{_cell(lora.get('max_rank'))} over {_cell(lora.get('modules'))} modules "
+        f"({_cell(lora.get('modules_to_save'))} full modules_to_save tensors).",
+        "",
+        "| relative Frobenius error ‖ΔW - BA‖ / ‖ΔW‖ | value |",
+        "|---|---:|",
+        f"| worst module | {pct(lora.get('error_max'))} |",
+        f"| mean over modules | {pct(lora.get('error_mean'))} |",
+        "",
+        "Per-module ranks and errors are in `merge_report.json`.",
+    ]
 
 
 def _score(block: Any) -> str:

@@ -24,6 +24,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from crucible.errors import CrucibleError
 from crucible.settings import Settings
+from crucible.sources.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterPlan,
+    check_adapter_base,
+    plan_adapter,
+    read_adapter_config,
+)
 from crucible.sources.safetensors_header import TensorInfo, read_safetensors_header
 from crucible.sources.uri import parse_uri
 
@@ -65,23 +73,53 @@ class ResolvedModel:
     root: Path  # folder holding weights and support files
     weight_files: list[Path]
     tensors: dict[str, TensorInfo]
+    # Set for a LoRA adapter expert: `tensors` are then the base's (with the adapter's full
+    # tensors in place of theirs), and TensorReader adds each module's ΔW = scaling · B A.
+    adapter: AdapterPlan | None = None
+    # A note for the job's events (e.g. an adapter that does not name its base).
+    warning: str | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
-    """Pin, fetch (Hub) or locate (file://) a model and read its safetensors headers."""
+def resolve_model(
+    ref: ModelRef,
+    settings: Settings,
+    base: ResolvedModel | None = None,
+    allow_base_mismatch: bool = False,
+) -> ResolvedModel:
+    """Pin, fetch (Hub) or locate (file://) a model and read its safetensors headers.
+
+    `base`: the job's resolved base, given for experts. An expert that is a PEFT LoRA
+    adapter has its config checked (a plain LoRA, trained on this base) before any of its
+    weights are downloaded, then its tensors are mapped onto the base's.
+    """
     try:
         parsed = parse_uri(ref.uri)
     except ValueError as exc:
         raise CrucibleError("unsupported_uri", str(exc), {"uri": ref.uri}) from exc
+    checked: dict[str, Any] = {}
+
+    def check_adapter(config_path: Path) -> None:
+        if base is None:
+            raise CrucibleError(
+                "unsupported_adapter",
+                f"{ref.uri} is a LoRA adapter ({ADAPTER_CONFIG}); the base must be a full model",
+                {"uri": ref.uri},
+            )
+        config = read_adapter_config(config_path, ref.uri)
+        checked["config"] = config
+        checked["warning"] = check_adapter_base(config, ref.uri, base.uri, allow_base_mismatch)
+
     if parsed.scheme == "hf":
-        root, commit = _fetch_hub(parsed.target, ref.revision)
+        root, commit = _fetch_hub(parsed.target, ref.revision, check_adapter)
     elif parsed.scheme == "file":
         root = _check_local(parsed.path, settings, ref.uri)
         _check_files_inside(root, settings, ref.uri)
+        if (root / ADAPTER_CONFIG).is_file():
+            check_adapter(root / ADAPTER_CONFIG)
         commit = None
     else:
         raise CrucibleError(
@@ -89,7 +127,38 @@ def resolve_model(ref: ModelRef, settings: Settings) -> ResolvedModel:
             f"{parsed.scheme}:// is not a model source; use hf://org/name or file:///path",
             {"uri": ref.uri},
         )
+    if "config" in checked and base is not None:
+        return _open_adapter(root, ref, commit, base, checked["config"], checked["warning"])
     return _open_folder(root, ref.uri, ref.revision, commit)
+
+
+def _open_adapter(
+    root: Path,
+    ref: ModelRef,
+    commit: str | None,
+    base: ResolvedModel,
+    config: dict[str, Any],
+    warning: str | None,
+) -> ResolvedModel:
+    path = root / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise CrucibleError(
+            "no_weights",
+            f"{ref.uri} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (pickled adapters, "
+            "adapter_model.bin, are not read)",
+            {"uri": ref.uri},
+        )
+    plan = plan_adapter(config, read_safetensors_header(path), base.tensors, ref.uri)
+    return ResolvedModel(
+        uri=ref.uri,
+        revision=ref.revision,
+        commit=commit,
+        root=root,
+        weight_files=[path],
+        tensors={**base.tensors, **plan.full},
+        adapter=plan,
+        warning=warning,
+    )
 
 
 def open_artifact_folder(root: Path) -> ResolvedModel:
@@ -255,7 +324,10 @@ def _hub_cache_dir() -> str | None:
     return None
 
 
-def _fetch_hub(repo: str, revision: str) -> tuple[Path, str]:
+def _fetch_hub(repo: str, revision: str, check_adapter: Callable[[Path], None]) -> tuple[Path, str]:
+    """Download a repo's weights and support files at one pinned commit. An adapter repo's
+    config is fetched alone first and given to `check_adapter`, which may refuse it before
+    its weights are downloaded."""
     from huggingface_hub import HfApi, snapshot_download
 
     # Same reason as the cache: pass endpoint and token explicitly, read at call time.
@@ -291,6 +363,21 @@ def _fetch_hub(repo: str, revision: str) -> tuple[Path, str]:
     ]
     # Download by the pinned sha, not the branch: a push between the two calls cannot mix
     # files of two commits.
+    if ADAPTER_CONFIG in top_level:
+        config_folder = _hub_call(
+            lambda: snapshot_download(
+                repo,
+                revision=commit,
+                allow_patterns=[ADAPTER_CONFIG],
+                cache_dir=_hub_cache_dir(),
+                endpoint=endpoint,
+                token=token,
+            ),
+            api,
+            repo,
+            commit,
+        )
+        check_adapter(Path(config_folder) / ADAPTER_CONFIG)
     folder = _hub_call(
         lambda: snapshot_download(
             repo,

@@ -15,8 +15,13 @@ from types import TracebackType
 
 import torch
 
+from crucible.sources.adapter import LoraDelta
 from crucible.sources.resolve import ResolvedModel
 from crucible.sources.safetensors_header import TensorInfo, torch_name_for_code
+
+# Adapter deltas (and the base tensors they are added to) are formed in float64 up to this
+# many elements per read, float32 beyond (the engine's FLOAT64_MAX_ELEMENTS).
+DELTA_FLOAT64_MAX_ELEMENTS = 64 * 2**20
 
 
 class TensorReader:
@@ -63,8 +68,46 @@ class TensorReader:
             raise KeyError(f"tensor {name!r} is not in {self.model.uri}") from None
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `name`, or rows [start, stop) of it along dim 0, in a fresh buffer."""
-        info = self.info(name)
+        """The tensor `name`, or rows [start, stop) of it along dim 0, in a fresh buffer.
+        For an adapter's module: the base's rows plus ΔW's, in float64 (or float32)."""
+        raw = self._read_info(self.info(name), rows)
+        delta = self.delta(name, rows)
+        if delta is None:
+            return raw
+        return raw.to(delta.dtype).add_(delta)
+
+    def delta(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """An adapter module's ΔW = scaling · B A (rows of it) in the base tensor's layout;
+        None for a tensor the adapter does not factor (a full model's, or untouched)."""
+        plan = self.model.adapter
+        lora = plan.deltas.get(name) if plan is not None else None
+        if lora is None:
+            return None
+        return self.lora_delta(lora, self.info(name).shape, rows)
+
+    def lora_factors(
+        self, lora: LoraDelta, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) of a module in `dtype`, in nn.Linear layout: ΔW_linear = scaling · B A."""
+        a = self._read_info(lora.a, None).to(dtype)
+        b = self._read_info(lora.b, None).to(dtype)
+        return b, a
+
+    def lora_delta(
+        self, lora: LoraDelta, shape: tuple[int, ...], rows: tuple[int, int] | None
+    ) -> torch.Tensor:
+        count = (rows[1] - rows[0]) if rows is not None else shape[0]
+        numel = count * (shape[1] if len(shape) > 1 else 1)
+        dtype = torch.float64 if numel <= DELTA_FLOAT64_MAX_ELEMENTS else torch.float32
+        b, a = self.lora_factors(lora, dtype)
+        if lora.transposed:  # base rows are columns of B A
+            cols = a if rows is None else a[:, rows[0] : rows[1]]
+            out = (b @ cols).T
+        else:
+            out = (b if rows is None else b[rows[0] : rows[1]]) @ a
+        return out.contiguous().mul_(lora.scaling)
+
+    def _read_info(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
         if not self._open:
             raise RuntimeError("TensorReader is closed: use it as a context manager")
         shape = info.shape
@@ -72,7 +115,7 @@ class TensorReader:
         if rows is not None:
             start, stop = rows
             if not shape or not 0 <= start <= stop <= shape[0]:
-                raise ValueError(f"rows {rows} out of range for {name!r} of shape {shape}")
+                raise ValueError(f"rows {rows} out of range for {info.name!r} of shape {shape}")
             row_bytes = nbytes // shape[0] if shape[0] else 0
             offset += start * row_bytes
             nbytes = (stop - start) * row_bytes
