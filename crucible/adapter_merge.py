@@ -169,7 +169,12 @@ def merge_to_adapter(
                     module, method, params_for, weights, readers, lowrank, merged_delta, device
                 )
                 paths[path] += 1
-                rank = choose_rank(spectrum.s, spec.output.lora_rank, spec.output.lora_energy)
+                rank = choose_rank(
+                    spectrum.s,
+                    spec.output.lora_rank,
+                    spec.output.lora_energy,
+                    min(base.tensors[module.name].shape),
+                )
                 error = truncation_error(spectrum.s, rank)
                 b, a = balanced_factors(spectrum, rank)
                 writer.add_factors(module.lora.module, b, a, module.lora.embedding)

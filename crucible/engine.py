@@ -397,12 +397,29 @@ def merge_matrix(
         merged = merged.T
     writer.write(name, merged.to(device="cpu", dtype=out_dtype).contiguous())
     diagnostics = dict(ctx.diagnostics)
+    diagnostics.update(_adapter_ranks(name, readers, tuple(base.shape)))
     if diagnostics:
         diagnostics["dtype"] = str(base.dtype).removeprefix("torch.")
         if transposed:
             diagnostics["transposed"] = True
         diagnostics["seconds"] = round(time.perf_counter() - started, 4)
     return diagnostics
+
+
+def _adapter_ranks(name: str, readers: list[Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    """For a module LoRA adapters change: their ranks, and whether the task vectors span
+    fewer directions than the module has inputs (a data-free Gram tau^T tau is then
+    singular and only the ridge keeps the solve defined: merge-math.md section 11)."""
+    ranks: list[int] = []
+    for reader in readers:
+        plan = reader.model.adapter
+        if plan is None or name in plan.full:
+            return {}  # a full tensor among the inputs: no low-rank structure to report
+        if name in plan.deltas:
+            ranks.append(plan.deltas[name].rank)
+    if not ranks or len(shape) != 2:
+        return {}
+    return {"lora_ranks": ranks, "rank_deficient": sum(ranks) < min(shape)}
 
 
 def _grams(

@@ -48,12 +48,13 @@ def lowrank_spectrum(
     return Spectrum(u=q_b @ u, s=s, v=q_a @ vh.T)
 
 
-def choose_rank(s: torch.Tensor, rank: int | Literal["auto"], energy: float) -> int:
-    """A fixed rank (at most the module's), or the smallest keeping `energy` of sum s^2.
+def choose_rank(s: torch.Tensor, rank: int | Literal["auto"], energy: float, max_rank: int) -> int:
+    """A fixed rank (at most `max_rank` = min(d_out, d_in): the same for the dense and the
+    low-rank spectrum, which is shorter), or the smallest keeping `energy` of sum s^2.
     At least 1, so every targeted module stays in the adapter."""
     full = int(s.numel())
     if rank != "auto":
-        return max(1, min(int(rank), full))
+        return max(1, min(int(rank), max_rank))
     squares = s.double().pow(2)
     total = float(squares.sum())
     if total == 0.0:

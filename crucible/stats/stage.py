@@ -59,6 +59,7 @@ class _Job:
     index: int
     label: str
     expert: ResolvedModel
+    base: ResolvedModel
     handle: DatasetHandle
     modules: dict[str, str]  # module path -> base name
     groups: list[dict[str, str]]
@@ -160,7 +161,8 @@ def _plan(
             "no text to run the model on",
             {"dataset": handle.id, "schema": handle.schema},
         )
-    skeleton = _skeleton(expert, label)
+    # A LoRA adapter runs as the base's architecture with its ΔW added.
+    skeleton = _skeleton(base if expert.adapter else expert, label)
     alignment = align_names(base.tensors, expert.tensors)
     modules = linear_modules(skeleton, expert.tensors, alignment)
     if not modules:
@@ -178,6 +180,8 @@ def _plan(
         model=model_fingerprint(expert),
         # An expert without tokenizer files reads the data with the base's tokenizer.
         tokenizer=None if tokenizer_root == expert.root else model_fingerprint(base),
+        # An adapter's activations depend on the base it is added to.
+        base=model_fingerprint(base) if expert.adapter else None,
         dataset=handle.sha256,
         max_samples=stats.max_samples,
         max_length=stats.max_length,
@@ -188,6 +192,7 @@ def _plan(
         index=index,
         label=label,
         expert=expert,
+        base=base,
         handle=handle,
         modules=modules,
         groups=groups,
@@ -265,6 +270,20 @@ def _load(expert: ResolvedModel, label: str) -> tuple[torch.nn.Module, list[str]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         raise _unsupported(expert, label, exc) from exc
     return model, sorted(info.get("missing_keys") or ())
+
+
+def _load_expert(job: _Job) -> tuple[torch.nn.Module, list[str]]:
+    """The expert's model; a LoRA adapter's is the base with every tensor the adapter
+    changes (W0 + ΔW, its modules_to_save) copied in place."""
+    expert = job.expert
+    if expert.adapter is None:
+        return _load(expert, job.label)
+    from crucible.evaluate.swap import WeightSwapper
+
+    model, missing = _load(job.base, job.label)
+    changed = [*expert.adapter.deltas, *expert.adapter.full]
+    WeightSwapper(model, list(job.base.tensors)).load_from(expert, changed)
+    return model, missing
 
 
 def _model_type(root: Path) -> str | None:
@@ -355,7 +374,7 @@ def _collect(
             f"dataset {job.handle.id!r} of expert {job.label}: {exc.message}",
             {**(exc.detail or {}), "dataset": job.handle.id},
         ) from exc
-    model, missing = _load(job.expert, job.label)
+    model, missing = _load_expert(job)
     model.to(device)
     if missing:
         # The architecture is the one config.json names, so this should not happen; the
