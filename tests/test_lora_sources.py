@@ -461,8 +461,19 @@ def test_other_peft_types_are_refused(
         (lambda c: c.update(lora_alpha="8"), "lora_alpha must be a positive number"),
         (lambda c: c.update(rank_pattern=[4]), "rank_pattern must be an object"),
         (lambda c: c.update(layer_replication=[[0, 2]]), "layer_replication"),
+        (lambda c: c.update(init_lora_weights="pissa_niter_4"), "convert it first"),
+        (lambda c: c.update(init_lora_weights="olora"), "applies to a modified base"),
     ],
-    ids=["garbage-type", "no-type", "r-zero", "alpha-string", "pattern-list", "replication"],
+    ids=[
+        "garbage-type",
+        "no-type",
+        "r-zero",
+        "alpha-string",
+        "pattern-list",
+        "replication",
+        "unconverted-pissa",
+        "unconverted-olora",
+    ],
 )
 def test_hand_edited_configs_are_refused(
     llama: LoraFamily, tmp_path: Path, edit: Callable[[dict[str, Any]], Any], message: str
@@ -841,3 +852,17 @@ def test_lora_output_refuses_a_full_model_expert(
     assert info.value.detail == {"experts": ["e0"]}
     assert "e0 is a full model" in info.value.message
     assert not (tmp_path / "out").exists()
+
+
+def test_untied_lm_head_on_a_tied_base_is_refused(gpt2: LoraFamily, tmp_path: Path) -> None:
+    """GPT-2's files hold no lm_head.weight (tied to wte): an adapter saving lm_head as a
+    modules_to_save tensor is refused as unsupported, naming the tie, not as another base."""
+    adapter = _variant(
+        gpt2.adapters[0],
+        tmp_path / "adapter",
+        config=lambda c: c.update(modules_to_save=["lm_head"]),
+        tensors=lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(256, 64)}),
+    )
+    err = _refusal(gpt2, adapter)
+    assert err.code == "unsupported_adapter"
+    assert "tied" in err.message and "lm_head.weight" in err.message

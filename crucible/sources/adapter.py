@@ -111,6 +111,15 @@ def read_adapter_config(path: Path, uri: str) -> dict[str, Any]:
         value = config.get(key)
         if value:  # None, false, {} and [] are all "off"
             raise refuse(f"{why}; it is set here ({key}={value!r})", switch=key)
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        # Their B A is relative to a base with the principal part moved into the adapter.
+        raise refuse(
+            f"init_lora_weights={init!r}: this adapter's B·A applies to a modified base, not "
+            "the original one; convert it first (PEFT save_pretrained with "
+            "path_initial_model_for_weight_conversion) and merge the converted adapter",
+            switch="init_lora_weights",
+        )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
@@ -215,6 +224,15 @@ def plan_adapter(
     alignment = align_names(base, wanted)
     to_base = {v: k for k, v in alignment.to_expert.items()}
     unknown = [n for n in wanted if n not in to_base]
+    tied = [n for n in unknown if n in full and n.rsplit(".", 2)[-2:] == ["lm_head", "weight"]]
+    if tied:
+        raise CrucibleError(
+            "unsupported_adapter",
+            f"{uri}: the adapter saves {tied[0]!r} (modules_to_save), but the base's files "
+            "hold no such tensor (its output layer is tied to the input embeddings); an "
+            "untied lm_head on a tied base is not supported",
+            {"uri": uri, "tensors": tied},
+        )
     if unknown:
         raise CrucibleError(
             "adapter_base_mismatch",
