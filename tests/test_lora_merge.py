@@ -534,27 +534,12 @@ def _method_params(name: str) -> dict[str, Any]:
     return {"seed": 7} if name.startswith("dare") else {}
 
 
-_NULL_SPACE_BUG = (
-    "bug: on rank-deficient task vectors (LoRA) the result depends on the SVD's arbitrary "
-    "basis of the null space (merge-math.md section 11: keep the numerical rank only)"
-)
-_ACE_BUG = (
-    "bug: ACE with a zero task vector (an adapter not targeting the module) uses "
-    "eps_t = eps / 1e-12 = 1e10, and the refinement adds sigma_iso ~ 1e10 directions"
-)
-_DELTA_SPACE_XFAIL = {"tsv": _NULL_SPACE_BUG, "iso_c": _NULL_SPACE_BUG,
-                      "iso_cts": _NULL_SPACE_BUG, "ace": _ACE_BUG}  # fmt: skip
-
-
 def _delta_space_params() -> list[Any]:
     params = []
     for name, info in METHODS.items():
         if info.needs_grams is not None and info.needs_grams(info.params()):
             why = f"{name} with default params needs activation Grams"
             params.append(pytest.param(name, id=f"{name}-needs-grams", marks=pytest.mark.skip(why)))
-        elif name in _DELTA_SPACE_XFAIL:
-            bug = pytest.mark.xfail(strict=True, reason=_DELTA_SPACE_XFAIL[name])
-            params.append(pytest.param(name, marks=bug))
         else:
             params.append(name)
     return params
@@ -605,12 +590,6 @@ def test_every_method_is_a_function_of_the_task_vectors(
             _assert_close_f32(full[tensor], w0, tensor, _magnitude(w0))
 
 
-_RANK_BOUND_XFAIL = {
-    "iso_c": "bug: the flattened spectrum inflates the null directions (rank min(d))",
-    "iso_cts": "bug: the flattened spectrum inflates the null directions (rank min(d))",
-}
-
-
 @pytest.mark.parametrize(
     ("name", "extra_rank"),
     [
@@ -618,10 +597,8 @@ _RANK_BOUND_XFAIL = {
         ("linear", False),
         ("tsv", False),
         ("bmm", True),
-        *(
-            pytest.param(n, False, marks=pytest.mark.xfail(strict=True, reason=why))
-            for n, why in _RANK_BOUND_XFAIL.items()
-        ),
+        ("iso_c", False),
+        ("iso_cts", False),
     ],
 )
 def test_merged_delta_rank_stays_within_merge_math_bounds(
@@ -644,17 +621,16 @@ def test_merged_delta_rank_stays_within_merge_math_bounds(
     "low_rank",
     [
         pytest.param(False, id="full-rank"),
-        pytest.param(
-            True, id="low-rank", marks=pytest.mark.xfail(strict=True, reason=_NULL_SPACE_BUG)
-        ),
+        pytest.param(True, id="low-rank"),
     ],
 )
 @pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts"])
 def test_subspace_methods_are_continuous_in_the_task_vectors(name: str, low_rank: bool) -> None:
-    """The cause of the delta-space failures above: perturbing the task vectors by 1e-13
-    must not move the merged task vector (relative change < 1e-8). Full-rank task vectors
-    pass; rank-3 and rank-5 ones (64 x 48) moved it by 0.78 (tsv), 1.28 (iso_c) and 1.39
-    (iso_cts): the null-space singular vectors the SVD picks enter the result."""
+    """Perturbing the task vectors by 1e-13 must not move the merged task vector (relative
+    change < 1e-8). Before these methods kept only the numerical rank (crucible.methods.
+    linalg.numerical_rank), rank-3 and rank-5 task vectors (64 x 48) moved it by 0.78
+    (tsv), 1.28 (iso_c) and 1.39 (iso_cts): the SVD's arbitrary null-space vectors
+    entered the result, and the delta-space checks above failed for them."""
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -710,10 +686,7 @@ def test_data_free_gram_methods_report_adapter_ranks(
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_ACE_BUG)) if n == "ace" else n
-        for n in DATA_FREE
-    ],
+    DATA_FREE,
 )
 def test_data_free_gram_methods_stay_bounded(
     llama: Bench, method_runs: Callable[[str], MethodRun], name: str

@@ -59,7 +59,7 @@ from crucible.methods.base import (
     is_matrix,
     mean_of_task_vectors,
 )
-from crucible.methods.linalg import solve_right_general, thin_svd
+from crucible.methods.linalg import numerical_rank, solve_right_general, thin_svd
 from crucible.stats.data_free import centred_covariance
 
 if TYPE_CHECKING:
@@ -132,7 +132,15 @@ def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
         diag["rule"] = "mean of task vectors (not a matrix tensor)"
         return mean_of_task_vectors(ctx, p.scale)
 
-    taus = ctx.weighted_task_vectors()
+    # An expert whose task vector is exactly zero here (a LoRA adapter that does not target
+    # this module) has no covariance to contribute: left in, its trace normalisation would
+    # divide by ~0 and its ridge would dilute the solve.
+    taus = [tau for tau in ctx.weighted_task_vectors() if bool(tau.any())]
+    if not taus:
+        diag["rule"] = "every task vector is zero: W0"
+        return ctx.base.clone()
+    if len(taus) < len(ctx.experts):
+        diag["zero_task_vectors"] = len(ctx.experts) - len(taus)
     n = len(taus)
     d_out, d_in = ctx.base.shape
     energies = [float(torch.sum(tau * tau)) for tau in taus]
@@ -188,6 +196,12 @@ def merge(ctx: TensorContext, p: Params) -> torch.Tensor:
         for tau, sigma in zip(taus, sigmas, strict=True):
             fused.add_(tau @ (sigma - sigma_mean))
         u, s, vh = thin_svd(fused)
+        # Only real directions: past the numerical rank (low-rank task vectors) the
+        # singular vectors are arbitrary and sigma_iso would inflate them.
+        k = min(k, numerical_rank(s, (d_out, d_in)))
+        diag["k"] = k
+        if k == 0:
+            return ctx.base + merged * p.scale
         sigma_iso = float(s[:k].mean())
         merged.add_(u[:, :k] @ vh[:k, :], alpha=sigma_iso)
         diag["sigma_iso"] = sigma_iso

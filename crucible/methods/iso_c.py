@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from crucible.methods.base import MethodInfo, MethodParams, TensorContext, merge_matrix_or_mean
-from crucible.methods.linalg import thin_svd
+from crucible.methods.linalg import numerical_rank, thin_svd
 
 if TYPE_CHECKING:
     import torch
@@ -54,15 +54,24 @@ def sum_svd(taus: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def iso_c_matrix(taus: list[torch.Tensor], diag: dict[str, Any]) -> torch.Tensor:
     """sigma_bar U V^T of M = sum_t tau_t."""
+    import torch
+
     u, sigma, vh = sum_svd(taus)
-    sigma_bar = sigma.mean()
+    # Flatten over the non-zero directions only (merge-math.md section 11): for a
+    # rank-deficient sum (LoRA deltas) the rest are an arbitrary null-space basis that a
+    # flat spectrum would inflate. A full-rank sum keeps every direction, as FusionBench.
+    n = numerical_rank(sigma, tuple(taus[0].shape))
+    if n == 0:
+        diag.update(rank=0, sigma_mean=0.0)
+        return torch.zeros_like(taus[0])
+    sigma_bar = sigma[:n].mean()
     diag.update(
-        rank=int(sigma.numel()),
+        rank=n,
         sigma_mean=float(sigma_bar),
         sigma_max=float(sigma[0]),
-        sigma_min=float(sigma[-1]),
+        sigma_min=float(sigma[n - 1]),
     )
-    return (u * sigma_bar) @ vh
+    return (u[:, :n] * sigma_bar) @ vh[:n]
 
 
 def merge(ctx: TensorContext, p: Params) -> torch.Tensor:

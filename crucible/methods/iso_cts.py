@@ -35,7 +35,7 @@ from pydantic import Field
 
 from crucible.methods.base import MethodInfo, MethodParams, TensorContext, merge_matrix_or_mean
 from crucible.methods.iso_c import sum_svd
-from crucible.methods.linalg import polar, thin_svd
+from crucible.methods.linalg import numerical_rank, polar, thin_svd
 
 if TYPE_CHECKING:
     import torch
@@ -85,24 +85,34 @@ def iso_cts_matrix(
     k_c, m = split_rank(r, n_tasks, fraction)
     diag.update(rank=r, common_rank=k_c, rank_per_task=m)
     u_all, sigma, vh_all = sum_svd(taus)
-    u_c = u_all[:, :k_c]
-    like = {"dtype": taus[0].dtype, "device": taus[0].device}
-    u = torch.empty(d_out, r, **like)
-    s = torch.empty(r, **like)
-    v = torch.empty(d_in, r, **like)
+    # Rank-deficient inputs (LoRA deltas) keep only their real directions, in the common
+    # and in each task-specific part: past the numerical rank the singular vectors are an
+    # arbitrary null-space basis that the flat spectrum would inflate (merge-math.md
+    # section 11). Full-rank inputs keep k_c and m, as FusionBench.
+    n_c = min(k_c, numerical_rank(sigma, (d_out, d_in)))
+    u_c = u_all[:, :n_c]
+    us, ss, vs = [], [], []
     if m > 0:
-        for t, tau in enumerate(taus):
+        for tau in taus:
             u_t, s_t, vh_t = thin_svd(tau - u_c @ (u_c.T @ tau))
-            cols = slice(t * m, (t + 1) * m)
-            u[:, cols] = u_t[:, :m]
-            s[cols] = s_t[:m]
-            v[:, cols] = vh_t[:m].T
+            # The residual is noise when tau lies in the common space: judge it by
+            # tau's own scale (||tau||_F >= its largest singular value).
+            m_t = min(m, numerical_rank(s_t, (d_out, d_in), float(torch.linalg.norm(tau))))
+            us.append(u_t[:, :m_t])
+            ss.append(s_t[:m_t])
+            vs.append(vh_t[:m_t].T)
             del u_t, s_t, vh_t
-    common = slice(n_tasks * m, r)
-    u[:, common] = u_c
-    s[common] = sigma[:k_c]
-    v[:, common] = vh_all[:k_c].T
+    us.append(u_c)
+    ss.append(sigma[:n_c])
+    vs.append(vh_all[:n_c].T)
     del u_all, vh_all, u_c
+    kept = sum(int(x.numel()) for x in ss)
+    if kept < r:
+        diag["kept_rank"] = kept
+    if kept == 0:
+        return torch.zeros(d_out, d_in, dtype=taus[0].dtype, device=taus[0].device)
+    u, s, v = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1)
+    del us, vs
     u_perp, v_perp = polar(u), polar(v)
     s_mean = s.mean()
     diag["sigma_mean"] = float(s_mean)

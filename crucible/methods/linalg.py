@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 PINV_RTOL = 1e-10
 # A module whose condition estimate exceeds this is flagged in the report.
 ILL_CONDITIONED = 1e12
+# Singular values below this share of the largest are rounding noise (numerical_rank).
+RANK_RTOL_FLOOR = 1e-10
 # Matrix methods compute in float64 while d_in is at most this (an 8192^2 float64 Gram is
 # 0.5 GiB), else float32 with the relative ridge.
 FLOAT64_MAX_DIM = 8192
@@ -130,6 +132,25 @@ def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     import torch
 
     return torch.linalg.svd(m, full_matrices=False)
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], reference: float | None = None) -> int:
+    """How many singular values (descending) are above reference * max(shape) * eps, with
+    reference = s_max by default (numpy's matrix_rank tolerance): directions below it are
+    rounding noise of a rank-deficient matrix (a LoRA task vector), whose singular vectors
+    are an arbitrary null-space basis; never below RANK_RTOL_FLOOR relative. A matrix that
+    is itself rounding noise (what is left of a task vector after projecting out a space
+    holding it) needs the scale it came from as `reference`."""
+    import torch
+
+    top = float(s[0]) if s.numel() else 0.0
+    scale = top if reference is None else max(reference, top)
+    if scale <= 0.0:
+        return 0
+    # At least 1e-10 relative: a float64 task vector formed as (W0 + ΔW) - W0 carries
+    # rounding of W0's size, far above ΔW's eps when ΔW is small.
+    tol = scale * max(max(shape) * torch.finfo(s.dtype).eps, RANK_RTOL_FLOOR)
+    return int((s > tol).sum())
 
 
 def polar(m: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from crucible.methods.base import (
     TensorContext,
     merge_matrix_or_mean,
 )
-from crucible.methods.linalg import polar, thin_svd
+from crucible.methods.linalg import numerical_rank, polar, thin_svd
 
 if TYPE_CHECKING:
     import torch
@@ -72,16 +72,24 @@ def tsv_matrix(taus: list[torch.Tensor], diag: dict[str, Any]) -> torch.Tensor:
     if k == 0:
         diag["note"] = "min(d_out, d_in) < number of experts: no singular vectors kept, W0"
         return torch.zeros(d_out, d_in, **like)
-    u = torch.empty(d_out, n_tasks * k, **like)
-    s = torch.empty(n_tasks * k, **like)
-    v = torch.empty(d_in, n_tasks * k, **like)
-    for t, tau in enumerate(taus):
+    us, ss, vs = [], [], []
+    for tau in taus:
         u_t, s_t, vh_t = thin_svd(tau)
-        cols = slice(t * k, (t + 1) * k)
-        u[:, cols] = u_t[:, :k]
-        s[cols] = s_t[:k]
-        v[:, cols] = vh_t[:k].T
+        # A rank-deficient tau (a LoRA delta) keeps only its real directions: past its
+        # numerical rank the singular vectors are arbitrary, and the polar factor below
+        # would mix them into the others. Full-rank task vectors keep k, as FusionBench.
+        k_t = min(k, numerical_rank(s_t, tuple(tau.shape)))
+        us.append(u_t[:, :k_t])
+        ss.append(s_t[:k_t])
+        vs.append(vh_t[:k_t].T)
         del u_t, s_t, vh_t
+    kept = sum(int(x.numel()) for x in ss)
+    if kept < n_tasks * k:
+        diag["rank"] = kept
+    if kept == 0:
+        return torch.zeros(d_out, d_in, **like)
+    u, s, v = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1)
+    del us, vs
     u_perp, v_perp = polar(u), polar(v)  # decorrelate the concatenated bases
     return (u_perp * s) @ v_perp.T
 

@@ -74,8 +74,9 @@ def make_lora_family(
     deltas: list[dict[str, torch.Tensor]] = []
     for i, config in enumerate(configs):
         config.init_lora_weights = False  # type: ignore[attr-defined]  # random B: ΔW != 0
+        model = make(seed)  # reseeds torch: seed the adapter's own draws after it
         torch.manual_seed(seed * 1000 + i + 1)
-        model = get_peft_model(make(seed), config)
+        model = get_peft_model(model, config)
         model.peft_config["default"].base_model_name_or_path = base_name or str(base_dir)
         out = root / f"adapter_{i}"
         model.save_pretrained(out)
