@@ -240,6 +240,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gram-samples", type=int, default=256, help="statistics.max_samples")
     parser.add_argument("--eval-only", action="store_true", help="score base and experts only")
     parser.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="run nothing: rebuild the table and RESULTS.md from <cache>/results.partial.json "
+        "(the rows an interrupted run finished)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="default: RESULTS.md here (none with --eval-only)"
     )
     return parser.parse_args()
@@ -261,15 +267,19 @@ def main() -> None:
         split: {t: read_jsonl(p[split]) for t, p in models.data.items()}
         for split in ("validation", "test")
     }
-    bank = HeadBank(models.experts)
-    console.print("scoring the base encoder and the experts on the test files ...")
-    table_rows: list[dict[str, Any]] = [
-        {"id": "base", "label": "base (pretrained encoder)",
-         "per_task": bank.score(rows["test"], load_backbone(models.base))},
-        {"id": "experts", "label": "experts (each on its own task)",
-         "per_task": bank.score(rows["test"])},
-    ]  # fmt: skip
-    if not args.eval_only:
+    partial = models.cache / "results.partial.json"
+    if args.from_partial:
+        table_rows: list[dict[str, Any]] = json.loads(partial.read_text())
+    else:
+        bank = HeadBank(models.experts)
+        console.print("scoring the base encoder and the experts on the test files ...")
+        table_rows = [
+            {"id": "base", "label": "base (pretrained encoder)",
+             "per_task": bank.score(rows["test"], load_backbone(models.base))},
+            {"id": "experts", "label": "experts (each on its own task)",
+             "per_task": bank.score(rows["test"])},
+        ]  # fmt: skip
+    if not args.eval_only and not args.from_partial:
         data_dir = models.cache / "service-data"
         shutil.rmtree(data_dir, ignore_errors=True)
         with Stack(data_dir, [models.cache / "models"], models.cache / "crucible-up.log") as stack:
@@ -282,7 +292,6 @@ def main() -> None:
                     for split in ("train", "validation")
                 }
             console.print(f"uploaded datasets: {json.dumps(ids)}")
-            partial = models.cache / "results.partial.json"
             for cfg in wanted:
                 table_rows.append(run_config(cfg, stack, client, models, ids, bank, rows, args))
                 partial.write_text(json.dumps(table_rows, indent=2, default=str))
