@@ -141,6 +141,11 @@ def merge_to_adapter(
         with ExitStack() as stack:
             base_reader = stack.enter_context(TensorReader(base))
             readers = [stack.enter_context(TensorReader(e)) for e in inputs.experts]
+            gram_readers = (
+                [stack.enter_context(TensorReader(g)) for g in inputs.grams]
+                if inputs.grams
+                else None
+            )
             zero = _DeltaView(base_reader, None)
             views = [_DeltaView(base_reader, r) for r in readers]
 
@@ -149,7 +154,7 @@ def merge_to_adapter(
                 params = params_for(name)
                 if method.matrix:
                     diagnostics = merge_matrix(
-                        name, method, params, zero, views, None, weights,
+                        name, method, params, zero, views, gram_readers, weights,
                         name in transposed, device, torch.float64, collect,
                     )  # fmt: skip
                 else:

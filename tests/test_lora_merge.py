@@ -22,7 +22,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import tests.support.lora_models as lora_models
@@ -114,17 +114,40 @@ class Bench:
     base: dict[str, torch.Tensor]  # float64
     counter: Iterator[int]
 
+    def grams(self, index: int) -> Path:
+        """A Gram folder for adapter `index`: G = X^T X / n of random X for every 2-D
+        weight of the base (what the statistics stage would write), seeded per adapter."""
+        folder = self.root / f"grams-{index}"
+        if not folder.is_dir():
+            g = torch.Generator().manual_seed(100 + index)
+            grams = {}
+            for name, w0 in self.base.items():
+                if w0.ndim == 2:
+                    x = torch.randn(3 * w0.shape[1], w0.shape[1], generator=g)
+                    grams[name] = (x.T @ x / x.shape[0]).float().contiguous()
+            folder.mkdir(parents=True)
+            save_file(grams, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
     def run(
         self,
         experts: list[tuple[Path, float]],
         method: dict[str, Any],
         output: dict[str, Any] | None = None,
         lowrank: bool = True,
+        grams: bool = False,
     ) -> MergeOutcome:
         spec = MergeSpec.model_validate(
             {
                 "base": {"uri": self.family.base.as_uri()},
-                "experts": [{"uri": p.as_uri(), "weight": w} for p, w in experts],
+                "experts": [
+                    {
+                        "uri": p.as_uri(),
+                        "weight": w,
+                        **({"grams": {"uri": self.grams(i).as_uri()}} if grams else {}),
+                    }
+                    for i, (p, w) in enumerate(experts)
+                ],
                 "method": method,
                 "output": output or {},
             }
@@ -534,17 +557,6 @@ def _method_params(name: str) -> dict[str, Any]:
     return {"seed": 7} if name.startswith("dare") else {}
 
 
-def _delta_space_params() -> list[Any]:
-    params = []
-    for name, info in METHODS.items():
-        if info.needs_grams is not None and info.needs_grams(info.params()):
-            why = f"{name} with default params needs activation Grams"
-            params.append(pytest.param(name, id=f"{name}-needs-grams", marks=pytest.mark.skip(why)))
-        else:
-            params.append(name)
-    return params
-
-
 @dataclass
 class MethodRun:
     full: MergeOutcome
@@ -560,16 +572,19 @@ def method_runs(llama: Bench) -> Callable[[str], MethodRun]:
         if name not in cache:
             method = {"name": name, "params": _method_params(name)}
             experts = llama.adapters(LLAMA_WEIGHTS)
+            # regmean (and any method needing Grams) gets per-expert Gram folders.
+            info = METHODS[name]
+            grams = info.needs_grams is not None and bool(info.needs_grams(info.params()))
             cache[name] = MethodRun(
-                full=llama.run(experts, method, {"format": "full"}),
-                lora=llama.run(experts, method, {"format": "lora", "lora_rank": 64}),
+                full=llama.run(experts, method, {"format": "full"}, grams=grams),
+                lora=llama.run(experts, method, {"format": "lora", "lora_rank": 64}, grams=grams),
             )
         return cache[name]
 
     return get
 
 
-@pytest.mark.parametrize("name", _delta_space_params())
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_is_a_function_of_the_task_vectors(
     llama: Bench, method_runs: Callable[[str], MethodRun], name: str
 ) -> None:
