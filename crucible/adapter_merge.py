@@ -81,16 +81,18 @@ class _DeltaView:
 
 
 class _Collect:
-    """A writer that keeps one tensor (blocks of rows fill it in place)."""
+    """A writer that keeps one tensor of `shape`; blocks of rows fill it in place."""
 
-    def __init__(self) -> None:
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
         self.tensor: torch.Tensor | None = None
 
     def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
-        if first_row == 0 and self.tensor is None:
-            self.tensor = tensor.clone()
-            return
-        assert self.tensor is not None
+        if self.tensor is None:
+            if tuple(tensor.shape) == tuple(self.shape):
+                self.tensor = tensor.clone()
+                return
+            self.tensor = torch.empty(self.shape, dtype=tensor.dtype)
         self.tensor[first_row : first_row + tensor.shape[0]] = tensor
 
 
@@ -150,7 +152,7 @@ def merge_to_adapter(
             views = [_DeltaView(base_reader, r) for r in readers]
 
             def merged_delta(name: str) -> tuple[torch.Tensor, dict[str, Any]]:
-                collect = _Collect()
+                collect = _Collect(tuple(base.tensors[name].shape))
                 params = params_for(name)
                 if method.matrix:
                     diagnostics = merge_matrix(

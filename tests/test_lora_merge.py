@@ -749,3 +749,24 @@ def test_lora_output_folder_and_model_card(llama: Bench, truncated: MergeOutcome
 
     assert stated("worst module") == pytest.approx(max(errors), rel=1e-3)
     assert stated("mean over modules") == pytest.approx(sum(errors) / len(errors), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties"])
+def test_dense_path_merges_large_modules_in_blocks_of_rows(
+    llama: Bench, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Past engine.BLOCK_ELEMENTS an elementwise method merges blocks of rows; the LoRA
+    output's dense path must assemble them into the whole ΔW (a 2048-wide bench once failed
+    here). Shrinking the block size makes the tiny model's modules blockwise: same result."""
+    import crucible.engine as engine
+
+    method = {"name": name, "params": {}}
+    experts = llama.adapters(LLAMA_WEIGHTS)
+    output = {"format": "lora", "lora_rank": 64}
+    whole = _lora_products(llama.run(experts, method, output, lowrank=False).output_dir)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 512)  # 64-wide rows: blocks of 8 rows
+    assert len(engine.row_blocks((64, 64), True)) == 8
+    blocked = _lora_products(llama.run(experts, method, output, lowrank=False).output_dir)
+    assert blocked.keys() == whole.keys()
+    for tensor, product in whole.items():
+        assert _rel(blocked[tensor], product) < 1e-6, tensor
