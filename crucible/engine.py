@@ -29,7 +29,7 @@ import torch
 
 from crucible.errors import CrucibleError
 from crucible.methods.base import MethodInfo, MethodParams, TensorContext
-from crucible.methods.linalg import FLOAT64_MAX_DIM
+from crucible.methods.linalg import FLOAT64_MAX_DIM, FLOAT64_MAX_ELEMENTS
 from crucible.methods.overrides import count_layers, has_overrides, resolve_params
 from crucible.methods.registry import get_method
 from crucible.publish.writer import ShardedSafetensorsWriter
@@ -54,9 +54,6 @@ COMPUTE_DTYPE = torch.float32
 # in float32), so memory does not grow with the largest tensor (bench/memory.py: 8 Mi
 # elements peaked ~1.2 GB above baseline for TIES, whose blocks hold ~15 temporaries).
 BLOCK_ELEMENTS = 2 * 2**20
-# Matrix methods hold whole tensors: float64 up to this many elements per tensor (512 MiB
-# each), float32 beyond (e.g. a 128k-vocabulary embedding).
-FLOAT64_MAX_ELEMENTS = 64 * 2**20
 PER_EXPERT_DIR = "per_expert"
 
 

@@ -24,9 +24,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from tests.support.postgres import throwaway_postgres_url
-from tests.support.redis_server import private_redis
-from tests.support.stack import Stack
+from tests.support.stack import service_stack
 from tests.support.tiny_models import make_bert_classifier_family, tiny_texts
 
 pytestmark = pytest.mark.e2e
@@ -50,38 +48,22 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("data-aware")
     base, experts = make_bert_classifier_family(work / "models", LABELS, seed=3)
-    env = {
-        "CRUCIBLE_DATA_DIR": str(work / "data"),
-        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(work / "models")]),
-        "HF_HUB_OFFLINE": "1",
-    }
-    with (
-        throwaway_postgres_url() as db_url,
-        private_redis(work / "redis") as redis_url,
-    ):
-        env["CRUCIBLE_DATABASE_URL"] = db_url
-        env["CRUCIBLE_BROKER_URL"] = redis_url
-        stack = Stack(env, work / "logs").start()
-        try:
-            key = stack.crucible("keys", "create", "--tenant", "acme").strip()
-            client = stack.client(key)
-            train, evaluation = {}, {}
-            for i, (name, labels) in enumerate(zip(NAMES, LABELS, strict=True)):
-                rows = _rows(labels, 40, seed=10 + i)
-                train[name] = (_upload(client, f"{name}-train.jsonl", rows), rows)
-                rows = _rows(labels, 30, seed=20 + i)
-                evaluation[name] = (_upload(client, f"{name}-eval.jsonl", rows), rows)
-            yield {
-                "stack": stack,
-                "client": client,
-                "base": base,
-                "experts": experts,
-                "train": train,
-                "eval": evaluation,
-                "data": work / "data",
-            }
-        finally:
-            stack.stop()
+    with service_stack(work, work / "models") as (stack, client):
+        train, evaluation = {}, {}
+        for i, (name, labels) in enumerate(zip(NAMES, LABELS, strict=True)):
+            rows = _rows(labels, 40, seed=10 + i)
+            train[name] = (_upload(client, f"{name}-train.jsonl", rows), rows)
+            rows = _rows(labels, 30, seed=20 + i)
+            evaluation[name] = (_upload(client, f"{name}-eval.jsonl", rows), rows)
+        yield {
+            "stack": stack,
+            "client": client,
+            "base": base,
+            "experts": experts,
+            "train": train,
+            "eval": evaluation,
+            "data": work / "data",
+        }
 
 
 def _upload(client: Any, filename: str, rows: list[dict[str, Any]]) -> str:

@@ -26,10 +26,8 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from tests.support.lora_models import LoraFamily, make_lora_family
-from tests.support.postgres import throwaway_postgres_url
-from tests.support.redis_server import private_redis
 from tests.support.reference import ref_ties
-from tests.support.stack import Stack
+from tests.support.stack import service_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -70,29 +68,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         seed=1,
         base_name=OTHER_BASE,
     )
-    env = {
-        "CRUCIBLE_DATA_DIR": str(work / "data"),
-        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(work / "models")]),
-        "HF_HUB_OFFLINE": "1",
-    }
-    with (
-        throwaway_postgres_url() as db_url,
-        private_redis(work / "redis") as redis_url,
-    ):
-        env["CRUCIBLE_DATABASE_URL"] = db_url
-        env["CRUCIBLE_BROKER_URL"] = redis_url
-        stack = Stack(env, work / "logs").start()
-        try:
-            key = stack.crucible("keys", "create", "--tenant", "acme").strip()
-            yield {
-                "stack": stack,
-                "client": stack.client(key),
-                "family": family,
-                "stranger": stranger,
-                "data": work / "data",
-            }
-        finally:
-            stack.stop()
+    with service_stack(work, work / "models") as (stack, client):
+        yield {
+            "stack": stack,
+            "client": client,
+            "family": family,
+            "stranger": stranger,
+            "data": work / "data",
+        }
 
 
 def _submit(world: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,9 @@ RANK_RTOL_FLOOR = 1e-10
 # Matrix methods compute in float64 while d_in is at most this (an 8192^2 float64 Gram is
 # 0.5 GiB), else float32 with the relative ridge.
 FLOAT64_MAX_DIM = 8192
+# Whole tensors are held in float64 up to this many elements (512 MiB each), float32 beyond
+# (e.g. a 128k-vocabulary embedding): the engine's matrix methods, adapter deltas.
+FLOAT64_MAX_ELEMENTS = 64 * 2**20
 
 
 def relative_ridge(a: torch.Tensor, eps: float) -> float:

@@ -9,6 +9,7 @@ writer at the end, which renames it into place only when complete.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ import torch
 
 from crucible.publish.writer import SINGLE_FILE, ShardedSafetensorsWriter
 from crucible.sources.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from crucible.sources.safetensors_header import torch_name_for_code
+from crucible.sources.safetensors_header import code_for_torch_name, torch_name_for_code
+from crucible.sources.tensor_reader import pread_exact
 
-_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 # One file: PEFT loads a single adapter_model.safetensors.
 _NO_SHARDING = 2**62
 
@@ -29,6 +30,7 @@ class AdapterWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
+        self._code = code_for_torch_name(str(dtype))
         self._spool_path = self.out_dir / ".adapter.spool"
         self._spool = open(self._spool_path, "wb")  # noqa: SIM115 (closed in close/abort)
         self._items: list[tuple[str, tuple[int, ...], str, int, int]] = []
@@ -52,7 +54,7 @@ class AdapterWriter:
         raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()
         offset = self._spool.tell()
         self._spool.write(raw)
-        self._items.append((key, tuple(data.shape), _CODES[self.dtype], offset, len(raw)))
+        self._items.append((key, tuple(data.shape), self._code, offset, len(raw)))
 
     def close(self, config: dict[str, Any]) -> None:
         self._spool.close()
@@ -64,7 +66,7 @@ class AdapterWriter:
                 for key, shape, code, offset, nbytes in self._items:
                     buf = torch.empty(nbytes, dtype=torch.uint8)
                     if nbytes:
-                        os.preadv(fd, [memoryview(buf.numpy())], offset)
+                        pread_exact(fd, buf, offset, self._spool_path)
                     dtype = getattr(torch, torch_name_for_code(code))
                     writer.write(key, buf.view(dtype).reshape(shape))
             finally:
@@ -76,8 +78,6 @@ class AdapterWriter:
         finally:
             self._spool_path.unlink(missing_ok=True)
         (self.out_dir / SINGLE_FILE).rename(self.out_dir / ADAPTER_WEIGHTS)
-        import json
-
         (self.out_dir / ADAPTER_CONFIG).write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )

@@ -361,37 +361,29 @@ def _fetch_hub(repo: str, revision: str, check_adapter: Callable[[Path], None]) 
         if not f.endswith(EXCLUDED_SUFFIXES)
         and any(fnmatch.fnmatch(f, p) for p in HUB_SUPPORT_PATTERNS)
     ]
-    # Download by the pinned sha, not the branch: a push between the two calls cannot mix
-    # files of two commits.
-    if ADAPTER_CONFIG in top_level:
-        config_folder = _hub_call(
-            lambda: snapshot_download(
+
+    def download(patterns: list[str]) -> Path:
+        # By the pinned sha, not the branch: a push between calls cannot mix two commits.
+        return Path(
+            _hub_call(
+                lambda: snapshot_download(
+                    repo,
+                    revision=commit,
+                    allow_patterns=patterns,
+                    cache_dir=_hub_cache_dir(),
+                    endpoint=endpoint,
+                    token=token,
+                ),
+                api,
                 repo,
-                revision=commit,
-                allow_patterns=[ADAPTER_CONFIG],
-                cache_dir=_hub_cache_dir(),
-                endpoint=endpoint,
-                token=token,
-            ),
-            api,
-            repo,
-            commit,
+                commit,
+            )
         )
-        check_adapter(Path(config_folder) / ADAPTER_CONFIG)
-    folder = _hub_call(
-        lambda: snapshot_download(
-            repo,
-            revision=commit,
-            allow_patterns=sorted(set(wanted)),
-            cache_dir=_hub_cache_dir(),
-            endpoint=endpoint,
-            token=token,
-        ),
-        api,
-        repo,
-        commit,
-    )
-    return Path(folder), commit
+
+    if ADAPTER_CONFIG in top_level:
+        check_adapter(download([ADAPTER_CONFIG]) / ADAPTER_CONFIG)
+    folder = download(sorted(set(wanted)))
+    return folder, commit
 
 
 def _reset_connections() -> None:

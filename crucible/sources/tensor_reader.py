@@ -15,13 +15,21 @@ from types import TracebackType
 
 import torch
 
+from crucible.methods.linalg import FLOAT64_MAX_ELEMENTS
 from crucible.sources.adapter import LoraDelta
 from crucible.sources.resolve import ResolvedModel
 from crucible.sources.safetensors_header import TensorInfo, torch_name_for_code
 
-# Adapter deltas (and the base tensors they are added to) are formed in float64 up to this
-# many elements per read, float32 beyond (the engine's FLOAT64_MAX_ELEMENTS).
-DELTA_FLOAT64_MAX_ELEMENTS = 64 * 2**20
+
+def pread_exact(fd: int, buf: torch.Tensor, offset: int, path: Path) -> None:
+    """Fill the uint8 tensor `buf` from `fd` at `offset` (preadv may return short reads)."""
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"{path}: unexpected end of file at byte {offset + done}")
+        done += n
 
 
 class TensorReader:
@@ -35,6 +43,8 @@ class TensorReader:
         self.model = model
         self._fds: dict[Path, int] = {}
         self._open = False
+        # (the factors' infos and dtype, B, A) of the adapter module read last
+        self._factors: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
 
     def __enter__(self) -> TensorReader:
         self._open = True
@@ -88,17 +98,21 @@ class TensorReader:
     def lora_factors(
         self, lora: LoraDelta, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) of a module in `dtype`, in nn.Linear layout: ΔW_linear = scaling · B A."""
-        a = self._read_info(lora.a, None).to(dtype)
-        b = self._read_info(lora.b, None).to(dtype)
-        return b, a
+        """(B, A) of a module in `dtype`, in nn.Linear layout: ΔW_linear = scaling · B A.
+        The last module's are kept: a blockwise merge reads them once, not once per block."""
+        key = (lora.a, lora.b, dtype)
+        if self._factors is None or self._factors[0] != key:
+            a = self._read_info(lora.a, None).to(dtype)
+            b = self._read_info(lora.b, None).to(dtype)
+            self._factors = (key, b, a)
+        return self._factors[1], self._factors[2]
 
     def lora_delta(
         self, lora: LoraDelta, shape: tuple[int, ...], rows: tuple[int, int] | None
     ) -> torch.Tensor:
         count = (rows[1] - rows[0]) if rows is not None else shape[0]
         numel = count * (shape[1] if len(shape) > 1 else 1)
-        dtype = torch.float64 if numel <= DELTA_FLOAT64_MAX_ELEMENTS else torch.float32
+        dtype = torch.float64 if numel <= FLOAT64_MAX_ELEMENTS else torch.float32
         b, a = self.lora_factors(lora, dtype)
         if lora.transposed:  # base rows are columns of B A
             cols = a if rows is None else a[:, rows[0] : rows[1]]
@@ -131,10 +145,4 @@ class TensorReader:
         if fd is None:
             fd = os.open(path, os.O_RDONLY)
             self._fds[path] = fd
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(f"{path}: unexpected end of file at byte {offset + done}")
-            done += n
+        pread_exact(fd, buf, offset, path)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,8 @@ import httpx
 
 from crucible.cli import worker_argv
 from tests.support.ports import free_port
+from tests.support.postgres import throwaway_postgres_url
+from tests.support.redis_server import private_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,3 +119,26 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def service_stack(
+    work: Path, models: Path, tenant: str = "acme"
+) -> Iterator[tuple[Stack, httpx.Client]]:
+    """The whole service on real parts: uvicorn and a Celery worker on a throwaway
+    PostgreSQL database and a private Redis, data under work/data, file:// sources allowed
+    under `models`, the Hub offline; with a client holding a new API key of `tenant`."""
+    env = {
+        "CRUCIBLE_DATA_DIR": str(work / "data"),
+        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(models)]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    with throwaway_postgres_url() as db_url, private_redis(work / "redis") as redis_url:
+        env["CRUCIBLE_DATABASE_URL"] = db_url
+        env["CRUCIBLE_BROKER_URL"] = redis_url
+        stack = Stack(env, work / "logs").start()
+        try:
+            key = stack.crucible("keys", "create", "--tenant", tenant).strip()
+            yield stack, stack.client(key)
+        finally:
+            stack.stop()
