@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +45,35 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = 12 * 3600
     # Seconds between progress writes to the job store (the last one is always written).
     progress_interval_seconds: float = 0.5
+
+    # --- Job ownership (issue 6). A worker holds a job by a lease it renews every
+    # heartbeat; a running job whose lease expired has lost its worker and is requeued by
+    # the reaper, up to max_attempts deliveries, then failed with worker_lost.
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    max_attempts: int = 3
+    reaper_interval_seconds: float = 30.0
+    # --- Limits (issue 6); each exceeded one is a 4xx naming the limit (or a failed job
+    # with limit_exceeded when only the worker can know, e.g. input bytes).
+    job_wall_time_seconds: float = 24 * 3600.0
+    max_concurrent_jobs_per_tenant: int = 8
+    max_input_bytes_per_tenant: int = 2 * 1024**4
+    max_request_bytes: int = 1024 * 1024
+    # --- Sources and secrets (issue 6).
+    # Pickled checkpoints (.bin/.pt) are refused unless enabled; then read weights_only.
+    allow_pickle: bool = False
+    # Fernet key (urlsafe base64, 32 bytes) encrypting request secrets at rest. Unset in
+    # embedded mode: a key is generated once under the data dir (mode 0600).
+    secrets_key: SecretStr | None = None
+    # Transient Hub/S3/webhook failures (429, 5xx, connection errors) are retried with
+    # exponential backoff and jitter: retry_attempts tries in all, first wait retry_base_seconds.
+    retry_attempts: int = 5
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 30.0
+    # Webhook targets: private, loopback and link-local addresses are refused unless they
+    # match one of these CIDRs or host names (tests and in-cluster receivers).
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_timeout_seconds: float = 10.0
 
     @cached_property
     def data_root(self) -> Path:

@@ -421,7 +421,7 @@ def test_migrate_twice_is_a_noop(store: JobStore) -> None:
     store.migrate()
     assert set(inspect(store.engine).get_table_names()) == tables
     assert {"jobs", "job_events", "api_keys", "alembic_version"} <= tables
-    assert store.current_revision() == head_revision() == "0002"
+    assert store.current_revision() == head_revision() == "0003"
     assert store.get_job(job.id) == job
 
 
@@ -504,20 +504,23 @@ def test_alembic_revision_renders_from_template(tmp_path: Path) -> None:
     cfg.set_main_option(
         "version_locations", os.pathsep.join([str(MIGRATIONS_DIR / "versions"), str(versions)])
     )
-    command.revision(cfg, "add something", rev_id="0003", version_path=str(versions))
-    [path] = versions.glob("0003_*.py")
-    spec = importlib.util.spec_from_file_location("rev0003", path)
+    head = head_revision()
+    assert head is not None
+    rev = f"{int(head) + 1:04d}"
+    command.revision(cfg, "add something", rev_id=rev, version_path=str(versions))
+    [path] = versions.glob(f"{rev}_*.py")
+    spec = importlib.util.spec_from_file_location(f"rev{rev}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (module.revision, module.down_revision) == ("0003", "0002")
+    assert (module.revision, module.down_revision) == (rev, head)
 
     store = JobStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
     try:
         with store.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-        assert store.current_revision() == "0003"
+        assert store.current_revision() == rev
     finally:
         store.close()
 

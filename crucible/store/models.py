@@ -75,6 +75,8 @@ class JobRow(Base):
         # Listing is "this tenant's jobs, newest first", optionally filtered by status.
         Index("ix_jobs_tenant_id", "tenant", "id"),
         Index("ix_jobs_tenant_status_id", "tenant", "status", "id"),
+        # The reaper looks for running jobs whose lease has expired.
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -93,6 +95,18 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Lease: the owning worker (`worker`) renews heartbeat_at/lease_expires_at while it runs;
+    # a running job whose lease expired has lost its worker (the reaper requeues it).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Publish marker: set once, atomically, when the output is published (exactly once).
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Fernet ciphertext of the request's secrets (Hub tokens, webhook secret); never served.
+    secrets: Mapped[str | None] = mapped_column(Text)
+    # Webhook deliveries: [{at, url, status_code | error, attempt}], newest last.
+    deliveries: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDoc)
+    # Bytes of every input's weights (from the headers), for per-tenant limits.
+    input_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class JobEventRow(Base):
