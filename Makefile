@@ -28,9 +28,15 @@ $(VENV)/.installed: pyproject.toml
 	.venv-fusionbench/bin/pip install $(PIP_FLAGS) torch==2.13.0 fusion-bench==0.2.33
 	touch $@
 
+# s3rver (npm): the real S3-compatible server the sink and artifact-store tests run against.
+.tools/node_modules/.bin/s3rver:
+	mkdir -p .tools
+	npm install --prefix .tools --no-audit --no-fund --silent s3rver@3.7.1
+
 setup: $(VENV)/.installed
 
-test-deps: setup .venv-olah/.installed .venv-mergekit/.installed .venv-fusionbench/.installed
+test-deps: setup .venv-olah/.installed .venv-mergekit/.installed .venv-fusionbench/.installed \
+	.tools/node_modules/.bin/s3rver
 
 demo: setup
 	$(VENV)/bin/python scripts/demo.py
