@@ -74,6 +74,19 @@ class Settings(BaseSettings):
     # match one of these CIDRs or host names (tests and in-cluster receivers).
     webhook_allowed_hosts: list[str] = Field(default_factory=list)
     webhook_timeout_seconds: float = 10.0
+    # --- S3-compatible storage (issue 7): s3:// outputs and CRUCIBLE_ARTIFACTS_URI. Unset
+    # fields fall back to boto3's default chain (AWS_* variables, config files, instance
+    # roles); the secret is never logged.
+    s3_endpoint_url: str | None = Field(default=None, description="e.g. http://minio:9000")
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # Multipart uploads: files above this many bytes go up in parts of this size (S3's
+    # minimum part is 5 MiB; 10,000 parts at most, so 64 MiB parts reach 625 GiB files).
+    s3_part_bytes: int = Field(default=64 * 1024**2, ge=5 * 1024**2)
+    # s3://bucket/prefix: datasets, Gram caches and job outputs live there durably; the local
+    # artifact folder is then a working cache (a worker on another machine fetches from S3).
+    artifacts_uri: str | None = Field(default=None, description="s3://bucket/prefix or unset.")
 
     @cached_property
     def data_root(self) -> Path:

@@ -549,7 +549,7 @@ def test_model_card_front_matter_and_sections() -> None:
     front = yaml.safe_load(front_text)
     assert front == {
         "base_model": ["org/base", "org/legal"],
-        "tags": ["merge", "crucible"],
+        "tags": ["merge", "crucible", "ties"],
         "library_name": "transformers",
     }
     assert "| density | `0.2` |" in body

@@ -69,6 +69,7 @@ def render_model_card(
     report: dict[str, Any] | None = None,
     tuning: dict[str, Any] | None = None,
     lora: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> str:
     """Render README.md.
 
@@ -77,6 +78,7 @@ def render_model_card(
     report: the merge report (crucible.report.MergeReport.as_dict()), summarised.
     tuning: the tuning summary (crucible.tune.stage), when the params were tuned.
     lora: the LoRA output summary (crucible.adapter_merge), for output.format lora.
+    metrics: the job's metrics; the scalar ones are listed (tuning and lora have sections).
     """
     base_models: list[str] = []
     for item in sorted(inputs, key=lambda i: i.get("role") != "base"):  # base first
@@ -86,7 +88,9 @@ def render_model_card(
     front: dict[str, Any] = {}
     if base_models:
         front["base_model"] = base_models[0] if len(base_models) == 1 else base_models
-    front["tags"] = ["merge", "crucible", *(["lora"] if lora is not None else [])]
+    # The method as a tag too, so merges by one method can be found on the Hub.
+    tags = ["merge", "crucible", str(method), *(["lora"] if lora is not None else [])]
+    front["tags"] = list(dict.fromkeys(tags))
     front["library_name"] = "peft" if lora is not None else "transformers"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
 
@@ -121,6 +125,14 @@ def render_model_card(
             f"| {_cell(item.get('role'))} | {_cell(item.get('name'))} | {_code(item.get('uri'))}"
             f" | {_code(item.get('revision'))} | {_code(item.get('commit'))} | {_cell(weight)} |"
         )
+    scalars = {
+        k: v
+        for k, v in (metrics or {}).items()
+        if isinstance(v, str | int | float | bool) or v is None
+    }
+    if scalars:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in sorted(scalars.items())]
     if tuning is not None:
         lines += ["", *_tuning_section(tuning)]
     if lora is not None:
