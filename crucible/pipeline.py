@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -66,9 +67,13 @@ def run_merge_job(
     `datasets`: the records of the dataset ids the spec references (None for an id the
     caller's tenant does not have), looked up by the caller (the runner, in the job store).
     """
-    staging = output_dir.with_name(output_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
+    # A restarted job starts the merge cleanly: staging folders an earlier attempt left are
+    # removed. Each attempt stages under its own name, so an attempt that lost its lease and
+    # cleans up after itself never removes the folder of the attempt that took over.
+    if output_dir.parent.is_dir():
+        for stale in output_dir.parent.glob(f"{output_dir.name}.partial*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = output_dir.with_name(f"{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
     try:
         device = compute_device(settings.device)
@@ -107,6 +112,8 @@ def run_merge_job(
         reporter.progress(0, 2, "steps")
         _write_support_files(spec, merge_inputs.base, inputs, report, staging, metrics)
         reporter.progress(1, 2, "steps")
+        # Last look before the output becomes visible: a cancel or a lost lease stops here.
+        reporter.check_cancelled()
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
@@ -161,13 +168,15 @@ def _resolve(
     reporter.stage("resolve")
     total = 1 + len(spec.experts)
     reporter.progress(0, total, "models")
-    base = resolve_model(spec.base, settings)
+    base = resolve_model(spec.base, settings, on_event=reporter.event)
     reporter.progress(1, total, "models")
     experts: list[ResolvedModel] = []
     expert_only: list[list[str]] = []
     for i, ref in enumerate(spec.experts):
         reporter.check_cancelled()
-        expert = resolve_model(ref, settings, base, ref.allow_base_mismatch)
+        expert = resolve_model(
+            ref, settings, base, ref.allow_base_mismatch, on_event=reporter.event
+        )
         if expert.warning:
             reporter.event("adapter_base_unchecked", expert.warning, {"uri": ref.uri})
         # An adapter's tensors are already the base's names.
@@ -289,5 +298,6 @@ def _write_support_files(
         report=report_doc,
         tuning=metrics.get("tuning"),
         lora=metrics.get("lora"),
+        metrics=metrics,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")

@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 # (attempt that failed, 1-based; the exception; seconds until the next try)
 OnRetry = Callable[[int, BaseException, float], None]
+# A job's event sink, `Reporter.event`: (kind, message, data).
+EventSink = Callable[[str, str, dict[str, Any] | None], None]
 
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -127,6 +129,32 @@ def call_with_retries(
 ) -> T:
     """fn(*args, **kwargs) under the retry policy."""
     return retrying(settings, what, on_retry)(fn, *args, **kwargs)
+
+
+def retry_events(settings: Settings, what: str, event: EventSink | None) -> OnRetry | None:
+    """An `on_retry` that records each retry as a job event of kind `retry`: the call, the
+    attempt, the wait and the error's type and status (never its message, which may hold a
+    URL or a header)."""
+    if event is None:
+        return None
+
+    def on_retry(attempt: int, exc: BaseException, wait: float) -> None:
+        code = status_code_of(exc)
+        event(
+            "retry",
+            f"{what}: attempt {attempt} of {settings.retry_attempts} failed "
+            f"({describe_error(exc)}); retrying in {wait:.2f} s",
+            {
+                "call": what,
+                "attempt": attempt,
+                "max_attempts": settings.retry_attempts,
+                "wait_seconds": round(wait, 3),
+                "error": type(exc).__name__,
+                "status": code,
+            },
+        )
+
+    return on_retry
 
 
 def describe_error(exc: BaseException) -> str:

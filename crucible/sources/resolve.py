@@ -2,8 +2,13 @@
 
 - `hf://org/name`: the revision is pinned to a commit sha with `model_info`, then exactly that
   commit's safetensors weights and support files (config, tokenizer) are fetched into the
-  Hugging Face cache (HF_HOME / HF_HUB_CACHE). Pickled checkpoints (.bin, .pt) are never
-  downloaded or read.
+  Hugging Face cache (HF_HOME / HF_HUB_CACHE). Every Hub call is retried on 429/5xx and
+  connection errors (crucible/retry.py; each retry is a job event), never on other 4xx.
+  Each downloaded file is checked against the Hub's hash (the cache names a blob by its git
+  sha1 or LFS sha256), so a file truncated in transit is downloaded again, never merged.
+- Pickled checkpoints (.bin, .pt) are never downloaded or read unless the operator sets
+  CRUCIBLE_ALLOW_PICKLE; then weight pickles are converted (weights_only) to safetensors
+  by crucible/sources/pickle_reader.py and read like any other weights.
 - `file:///abs/path`: only inside `Settings.allowed_local_dirs`, symlinks resolved first so a
   link cannot lead out of an allowed folder.
 
@@ -13,6 +18,7 @@ No weights are read here: only headers, so a bad input fails in seconds.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -23,6 +29,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from crucible.errors import CrucibleError
+from crucible.retry import EventSink, describe_error, is_transient, retry_events, retrying
+from crucible.retry import status_code_of as _status
 from crucible.settings import Settings
 from crucible.sources.adapter import (
     ADAPTER_CONFIG,
@@ -32,6 +40,7 @@ from crucible.sources.adapter import (
     plan_adapter,
     read_adapter_config,
 )
+from crucible.sources.pickle_reader import PICKLE_SUFFIXES, converted_weights, is_weight_pickle
 from crucible.sources.safetensors_header import TensorInfo, read_safetensors_header
 from crucible.sources.uri import parse_uri
 
@@ -56,11 +65,13 @@ EXCLUDED_SUFFIXES = (
     ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".onnx", ".gguf",
     ".npz", ".npy", ".ot", ".joblib",
 )  # fmt: skip
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HEX_REVISION = re.compile(r"^[0-9a-f]{7,40}$")
-# Transport failures (connection refused/reset, timeouts) are retried this often before
-# the source is reported unavailable; a reset connection after a server error is common.
-_TRANSPORT_RETRIES = 3
+_GIT_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PICKLE_REFUSED = (
+    "Pickled checkpoints (.bin, .pt) are not read on this server (CRUCIBLE_ALLOW_PICKLE is "
+    "off): use safetensors weights or convert the model."
+)
 
 T = TypeVar("T")
 
@@ -89,12 +100,14 @@ def resolve_model(
     settings: Settings,
     base: ResolvedModel | None = None,
     allow_base_mismatch: bool = False,
+    on_event: EventSink | None = None,
 ) -> ResolvedModel:
     """Pin, fetch (Hub) or locate (file://) a model and read its safetensors headers.
 
     `base`: the job's resolved base, given for experts. An expert that is a PEFT LoRA
     adapter has its config checked (a plain LoRA, trained on this base) before any of its
     weights are downloaded, then its tensors are mapped onto the base's.
+    `on_event`: the job's `Reporter.event`; each retried Hub call is reported there.
     """
     try:
         parsed = parse_uri(ref.uri)
@@ -114,7 +127,7 @@ def resolve_model(
         checked["warning"] = check_adapter_base(config, ref.uri, base.uri, allow_base_mismatch)
 
     if parsed.scheme == "hf":
-        root, commit = _fetch_hub(parsed.target, ref.revision, check_adapter)
+        root, commit = _fetch_hub(parsed.target, ref.revision, check_adapter, settings, on_event)
     elif parsed.scheme == "file":
         root = _check_local(parsed.path, settings, ref.uri)
         _check_files_inside(root, settings, ref.uri)
@@ -129,7 +142,7 @@ def resolve_model(
         )
     if "config" in checked and base is not None:
         return _open_adapter(root, ref, commit, base, checked["config"], checked["warning"])
-    return _open_folder(root, ref.uri, ref.revision, commit)
+    return _open_folder(root, ref.uri, ref.revision, commit, settings)
 
 
 def _open_adapter(
@@ -167,8 +180,12 @@ def open_artifact_folder(root: Path) -> ResolvedModel:
     return _open_folder(root, root.as_uri(), "local", None)
 
 
-def _open_folder(root: Path, uri: str, revision: str, commit: str | None) -> ResolvedModel:
-    weight_files, expected = _weight_files(root, uri)
+def _open_folder(
+    root: Path, uri: str, revision: str, commit: str | None, settings: Settings | None = None
+) -> ResolvedModel:
+    """`settings`: given for callers' models, whose pickles may be converted when the
+    operator allows it; the service's own folders are safetensors only."""
+    weight_files, expected = _weight_files(root, uri, settings)
     tensors = _read_headers(weight_files, expected, root)
     return ResolvedModel(
         uri=uri,
@@ -228,19 +245,25 @@ def _check_files_inside(root: Path, settings: Settings, uri: str) -> None:
 # ----------------------------------------------------------------------------- weights
 
 
-def _weight_files(root: Path, uri: str) -> tuple[list[Path], dict[str, str] | None]:
+def _weight_files(
+    root: Path, uri: str, settings: Settings | None = None
+) -> tuple[list[Path], dict[str, str] | None]:
     """The weight files and, for sharded models, the index's tensor -> file map."""
     index_path = root / INDEX_FILE
     if index_path.is_file():
         return _read_index(index_path, root)
     files = sorted(p for p in root.glob("*.safetensors") if p.is_file())
     if not files:
-        pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        weights = [root / name for name in pickles if is_weight_pickle(name)]
+        if settings is not None and settings.allow_pickle and weights:
+            # Shards of a sharded checkpoint hold disjoint tensors; their union is checked
+            # for duplicates like safetensors shards (no index needed).
+            return converted_weights(weights, settings), None
         found = f"; found {', '.join(pickles)}" if pickles else ""
         raise CrucibleError(
             "no_weights",
-            f"{uri} has no *.safetensors weights{found}. Pickled checkpoints (.bin, .pt) "
-            "are not read: convert the model to safetensors.",
+            f"{uri} has no *.safetensors weights{found}. {_PICKLE_REFUSED}",
             {"uri": uri, "pickles": pickles},
         )
     return files, None
@@ -324,7 +347,22 @@ def _hub_cache_dir() -> str | None:
     return None
 
 
-def _fetch_hub(repo: str, revision: str, check_adapter: Callable[[Path], None]) -> tuple[Path, str]:
+class _HashMismatch(OSError):
+    """Downloaded files whose content does not match the Hub's hash: truncated or damaged
+    in transit. Their cached copies are removed, so the next attempt downloads them again."""
+
+    def __init__(self, files: list[str]) -> None:
+        super().__init__(f"downloaded files do not match the Hub's hash: {', '.join(files)}")
+        self.files = files
+
+
+def _fetch_hub(
+    repo: str,
+    revision: str,
+    check_adapter: Callable[[Path], None],
+    settings: Settings,
+    on_event: EventSink | None,
+) -> tuple[Path, str]:
     """Download a repo's weights and support files at one pinned commit. An adapter repo's
     config is fetched alone first and given to `check_adapter`, which may refuse it before
     its weights are downloaded."""
@@ -335,7 +373,16 @@ def _fetch_hub(repo: str, revision: str, check_adapter: Callable[[Path], None]) 
     token = os.environ.get("HF_TOKEN") or None  # never logged, never put in messages
     api = HfApi(endpoint=endpoint, token=token)
 
-    info = _hub_call(lambda: api.model_info(repo, revision=revision), api, repo, revision)
+    info = _hub_call(
+        lambda: api.model_info(repo, revision=revision),
+        api,
+        repo,
+        revision,
+        settings,
+        f"model_info {repo}@{revision}",
+        on_event,
+        probe_missing_commit=True,
+    )
     commit = info.sha
     if not commit:
         raise CrucibleError(
@@ -346,15 +393,16 @@ def _fetch_hub(repo: str, revision: str, check_adapter: Callable[[Path], None]) 
     top_level = [s.rfilename for s in (info.siblings or []) if "/" not in s.rfilename]
     weights = [f for f in top_level if f.endswith(".safetensors")]
     if not weights:
-        pickles = sorted(f for f in top_level if f.endswith(_PICKLE_SUFFIXES))
-        found = f"; it holds {', '.join(pickles)}" if pickles else ""
-        raise CrucibleError(
-            "no_weights",
-            f"Hub repository '{repo}' at revision '{revision}' has no *.safetensors "
-            f"weights{found}. Pickled checkpoints (.bin, .pt) are not read: use a "
-            "safetensors revision or convert the model.",
-            {"repo": repo, "revision": revision, "commit": commit, "pickles": pickles},
-        )
+        pickles = sorted(f for f in top_level if f.endswith(PICKLE_SUFFIXES))
+        weights = [f for f in pickles if is_weight_pickle(f)] if settings.allow_pickle else []
+        if not weights:
+            found = f"; it holds {', '.join(pickles)}" if pickles else ""
+            raise CrucibleError(
+                "no_weights",
+                f"Hub repository '{repo}' at revision '{revision}' has no *.safetensors "
+                f"weights{found}. {_PICKLE_REFUSED}",
+                {"repo": repo, "revision": revision, "commit": commit, "pickles": pickles},
+            )
     wanted = weights + [
         f
         for f in top_level
@@ -362,28 +410,73 @@ def _fetch_hub(repo: str, revision: str, check_adapter: Callable[[Path], None]) 
         and any(fnmatch.fnmatch(f, p) for p in HUB_SUPPORT_PATTERNS)
     ]
 
-    def download(patterns: list[str]) -> Path:
-        # By the pinned sha, not the branch: a push between calls cannot mix two commits.
-        return Path(
-            _hub_call(
-                lambda: snapshot_download(
+    def download(names: list[str], what: str) -> Path:
+        def fetch() -> Path:
+            # By the pinned sha, not the branch: a push between calls cannot mix two commits.
+            folder = Path(
+                snapshot_download(
                     repo,
                     revision=commit,
-                    allow_patterns=patterns,
+                    allow_patterns=names,
                     cache_dir=_hub_cache_dir(),
                     endpoint=endpoint,
                     token=token,
-                ),
-                api,
-                repo,
-                commit,
+                )
             )
-        )
+            _verify_downloads(folder, names, settings)
+            return folder
+
+        return _hub_call(fetch, api, repo, commit, settings, what, on_event)
 
     if ADAPTER_CONFIG in top_level:
-        check_adapter(download([ADAPTER_CONFIG]) / ADAPTER_CONFIG)
-    folder = download(sorted(set(wanted)))
+        config = download([ADAPTER_CONFIG], f"download {repo}@{commit[:12]} {ADAPTER_CONFIG}")
+        check_adapter(config / ADAPTER_CONFIG)
+    folder = download(sorted(set(wanted)), f"download {repo}@{commit[:12]}")
     return folder, commit
+
+
+def _verify_downloads(folder: Path, names: list[str], settings: Settings) -> None:
+    """Check each downloaded file against the hash the Hub gave it: the cache names a blob
+    by its git blob sha1 (plain files) or its sha256 (LFS files). A mismatch (a body cut
+    short behind a matching Content-Length, a damaged byte) removes the cached copy and
+    raises _HashMismatch, a transient failure; the next attempt downloads it again."""
+    bad: list[str] = []
+    for name in names:
+        link = folder / name
+        if not link.is_file():
+            continue  # not in this commit (an allow pattern that matched nothing)
+        blob = link.resolve()
+        if not _blob_matches(blob, settings):
+            bad.append(name)
+            blob.unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
+    if bad:
+        raise _HashMismatch(bad)
+
+
+def _blob_matches(blob: Path, settings: Settings) -> bool:
+    expected = blob.name
+    if not (_GIT_SHA1.match(expected) or _SHA256.match(expected)):
+        return True  # no hash to compare with (e.g. a Xet hash): the headers are checked
+    stat = blob.stat()
+    # A blob verified once is not hashed again while its size and mtime stay the same.
+    marker = settings.data_root / "verified-blobs" / expected
+    stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+    if marker.is_file() and marker.read_text() == stamp:
+        return True
+    if _SHA256.match(expected):
+        digest = hashlib.sha256()
+    else:
+        digest = hashlib.sha1(usedforsecurity=False)
+        digest.update(b"blob %d\0" % stat.st_size)  # git's blob id covers this prefix
+    with blob.open("rb") as fh:
+        while chunk := fh.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(stamp)
+    return True
 
 
 def _reset_connections() -> None:
@@ -396,43 +489,123 @@ def _reset_connections() -> None:
         reset()
 
 
-def _is_transport(exc: BaseException, http_error: type[BaseException]) -> bool:
-    """Connection refused/reset, timeouts: httpx errors (huggingface_hub >= 1.0) derive from
-    its HTTPError; older releases raise requests/urllib3 errors, which are OSErrors."""
-    if isinstance(exc, http_error | ConnectionError | TimeoutError):
-        return True
-    return type(exc).__module__.split(".")[0] in ("requests", "urllib3", "httpx", "httpx2")
+def _chain(exc: BaseException) -> list[BaseException]:
+    """exc and the exceptions it was raised from (snapshot_download wraps the real cause)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 8:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
 
 
-def _hub_call(fn: Callable[[], T], api: Any, repo: str, revision: str) -> T:
+def _is_consistency_error(exc: BaseException) -> bool:
+    # huggingface_hub's own size check of a download: fewer bytes than announced.
+    return isinstance(exc, OSError) and "Consistency check failed" in str(exc)
+
+
+def _hub_transient(exc: BaseException) -> bool:
+    """429/5xx, connection and read failures, truncated downloads: worth another try.
+    Offline mode and every other HTTP status are not."""
     from huggingface_hub import errors as hf_errors
 
-    last: Exception | None = None
-    for attempt in range(_TRANSPORT_RETRIES):
+    for e in _chain(exc):
+        if isinstance(e, hf_errors.OfflineModeIsEnabled):
+            return False
+        if isinstance(e, _HashMismatch) or _is_consistency_error(e):
+            return True
+        if _status(e) is not None:
+            return is_transient(e)  # the first status in the chain decides
+        if is_transient(e):
+            return True
+    return False
+
+
+def _hub_call(
+    fn: Callable[[], T],
+    api: Any,
+    repo: str,
+    revision: str,
+    settings: Settings,
+    what: str,
+    on_event: EventSink | None,
+    probe_missing_commit: bool = False,
+) -> T:
+    """fn() under the retry policy; a failure that outlasts it becomes a CrucibleError.
+
+    `probe_missing_commit`: olah answers 500 for a commit sha it does not have; when the
+    repo's refs answer, that 500 means a missing revision and is not retried."""
+
+    def attempt() -> T:
         try:
             return fn()
-        except hf_errors.OfflineModeIsEnabled as exc:
-            raise CrucibleError(
+        except Exception:
+            _reset_connections()  # a server that failed a request may have reset its socket
+            raise
+
+    def retry_on(exc: BaseException) -> bool:
+        if not _hub_transient(exc):
+            return False
+        if probe_missing_commit and _status(exc) == 500 and _HEX_REVISION.match(revision):
+            return _repo_refs(api, repo) is None
+        return True
+
+    policy = retrying(settings, what, retry_events(settings, what, on_event), retry_on)
+    try:
+        return policy(attempt)
+    except CrucibleError:
+        raise
+    except Exception as exc:
+        mapped = _map_hub_failure(exc, api, repo, revision, settings, probe_missing_commit)
+        if mapped is None:
+            raise  # e.g. a full disk: not the Hub's fault, reported as it is
+        raise mapped from exc
+
+
+def _map_hub_failure(
+    exc: Exception,
+    api: Any,
+    repo: str,
+    revision: str,
+    settings: Settings,
+    probe_missing_commit: bool,
+) -> CrucibleError | None:
+    from huggingface_hub import errors as hf_errors
+
+    detail: dict[str, Any] = {"repo": repo, "revision": revision}
+    tries = f"after {settings.retry_attempts} attempts"
+    chain = _chain(exc)
+    if any(isinstance(e, hf_errors.OfflineModeIsEnabled) for e in chain):
+        return CrucibleError(
+            "source_unavailable",
+            f"cannot reach the Hub for '{repo}': offline mode is enabled (HF_HUB_OFFLINE)",
+            detail,
+        )
+    for e in chain:
+        if isinstance(e, _HashMismatch):
+            return CrucibleError(
                 "source_unavailable",
-                f"cannot reach the Hub for '{repo}': offline mode is enabled (HF_HUB_OFFLINE)",
-                {"repo": repo, "revision": revision},
-            ) from exc
-        except hf_errors.HfHubHTTPError as exc:
-            raise _map_http_error(exc, api, repo, revision) from exc
-        except hf_errors.LocalEntryNotFoundError as exc:
-            # snapshot_download's way of saying "could not reach the Hub and no cached copy"
-            last = exc
-        except (hf_errors.HTTPError, OSError) as exc:
-            if not _is_transport(exc, hf_errors.HTTPError):
-                raise  # e.g. a full disk: not the Hub's fault, not worth a retry
-            last = exc
-        _reset_connections()
-        time.sleep(0.3 * 2**attempt)
-    raise CrucibleError(
-        "source_unavailable",
-        f"could not reach the Hub for '{repo}' at revision '{revision}' ({type(last).__name__})",
-        {"repo": repo, "revision": revision},
-    ) from last
+                f"{', '.join(e.files)} of Hub repository '{repo}' at revision '{revision}' "
+                f"did not match the Hub's hash {tries} (truncated or damaged in transit)",
+                {**detail, "files": e.files},
+            )
+        if _is_consistency_error(e):
+            return CrucibleError(
+                "source_unavailable",
+                f"a download from Hub repository '{repo}' at revision '{revision}' stayed "
+                f"incomplete {tries} (fewer bytes than the Hub announced)",
+                detail,
+            )
+        if isinstance(e, hf_errors.HfHubHTTPError):
+            return _map_http_error(e, api, repo, revision, tries, probe_missing_commit)
+    if _hub_transient(exc):
+        return CrucibleError(
+            "source_unavailable",
+            f"could not reach the Hub for '{repo}' at revision '{revision}' "
+            f"({describe_error(exc)}, {tries})",
+            detail,
+        )
+    return None
 
 
 def _repo_refs(api: Any, repo: str) -> Any | None:
@@ -461,7 +634,9 @@ def _revision_missing(repo: str, revision: str, refs: Any, why: str) -> Crucible
     )
 
 
-def _map_http_error(exc: Exception, api: Any, repo: str, revision: str) -> CrucibleError:
+def _map_http_error(
+    exc: Exception, api: Any, repo: str, revision: str, tries: str, probe_missing_commit: bool
+) -> CrucibleError:
     from huggingface_hub import errors as hf_errors
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -498,9 +673,15 @@ def _map_http_error(exc: Exception, api: Any, repo: str, revision: str) -> Cruci
             f"a file of Hub repository '{repo}' at revision '{revision}' was not found",
             detail,
         )
-    if status is not None and status >= 500 and _HEX_REVISION.match(revision):
+    if (
+        probe_missing_commit
+        and status is not None
+        and status >= 500
+        and _HEX_REVISION.match(revision)
+    ):
         # olah answers 500 for a commit sha it does not have. If the repo itself answers,
-        # the sha is what is missing; otherwise it is a real outage.
+        # the sha is what is missing; otherwise it is a real outage. (Downloads are by the
+        # sha model_info returned, which exists: their 5xx is always an outage.)
         refs = _repo_refs(api, repo)
         if refs is not None:
             return _revision_missing(
@@ -509,7 +690,7 @@ def _map_http_error(exc: Exception, api: Any, repo: str, revision: str) -> Cruci
     if status is not None and (status >= 500 or status == 429):
         return CrucibleError(
             "source_unavailable",
-            f"the Hub answered HTTP {status} for '{repo}' at revision '{revision}'; "
+            f"the Hub answered HTTP {status} for '{repo}' at revision '{revision}' {tries}; "
             "try again later",
             detail,
         )
