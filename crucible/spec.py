@@ -12,11 +12,22 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from crucible.methods.overrides import request_params_model
 from crucible.methods.registry import METHODS
 from crucible.sources.uri import SOURCE_SCHEMES, parse_uri
+from crucible.webhook_url import check_url_syntax
 
 DType = Literal["float32", "float16", "bfloat16"]
 ShapeMismatchPolicy = Literal["fail", "base", "keep_per_expert"]
@@ -40,6 +51,29 @@ _UNITS = {
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# What a stored spec, every response and the model card show in place of a secret.
+REDACTED = "***"
+
+# A write-only secret: accepted in a request, never dumped (python or JSON) as anything but
+# REDACTED, so the stored spec, its digest, responses and the model card cannot carry it.
+# The API moves the value to the job's encrypted secrets (crucible/secrets.py).
+WriteOnlySecret = Annotated[
+    SecretStr,
+    PlainSerializer(lambda _: REDACTED, return_type=str),
+    WithJsonSchema({"type": "string", "format": "password", "writeOnly": True}),
+]
+
+
+def _secret_length(v: SecretStr, field: str, least: int) -> SecretStr:
+    plain = v.get_secret_value()
+    # The marker passes: a stored spec (the worker validates it again) holds it.
+    if plain != REDACTED and not least <= len(plain) <= 1024:
+        raise ValueError(f"{field} must be {least} to 1024 characters")
+    if plain != plain.strip():
+        raise ValueError(f"{field} must not start or end with whitespace")
+    return v
 
 
 # Dataset ids as the datasets API issues them.
@@ -119,7 +153,15 @@ def parse_size(value: int | str) -> int:
 
 
 class OutputSpec(_Strict):
-    uri: str = Field(default="local://", description="local:// is the artifact store.")
+    uri: str = Field(
+        default="local://",
+        description="Where the merged model is published: local:// (the artifact store), "
+        "s3://bucket/prefix (files, then crucible-manifest.json last) or hf://org/name (one "
+        "commit; the repo is created if needed, with the request's hub_token).",
+    )
+    private: bool = Field(
+        default=True, description="hf:// outputs: a repo created by the job is private."
+    )
     dtype: DType | None = Field(default=None, description="Output dtype; the base's if unset.")
     shard_size: int | str = Field(
         default="5GB", validate_default=True, description="Maximum bytes per shard."
@@ -158,10 +200,16 @@ class OutputSpec(_Strict):
     @classmethod
     def _check_uri(cls, v: str) -> str:
         parsed = parse_uri(v)
-        if parsed.scheme != "local":
+        if parsed.scheme == "s3":
+            from crucible.s3 import check_location
+
+            check_location(v)
+        elif parsed.scheme == "hf" and "/" not in parsed.target:
+            raise ValueError(f"hf:// outputs name the owner too: hf://org/name, not {v!r}")
+        elif parsed.scheme not in ("local", "hf"):
             raise ValueError(
-                f"{parsed.scheme}:// outputs are not available yet; "
-                "use local:// (the artifact store)"
+                f"{parsed.scheme}:// is not an output; use local://, s3://bucket/prefix "
+                "or hf://org/name"
             )
         return v
 
@@ -274,6 +322,36 @@ class TuningSpec(_Strict):
         return self
 
 
+class WebhookSpec(_Strict):
+    """Where the job is POSTed on a terminal state, and the secret that signs it.
+
+    Each delivery carries `X-Crucible-Timestamp: <unix seconds>` and
+    `X-Crucible-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + raw body)>`.
+    """
+
+    url: str = Field(
+        max_length=2048,
+        description="http(s) URL without credentials; private, loopback and link-local "
+        "addresses are refused unless the server allows them.",
+        examples=["https://hooks.example.com/crucible"],
+    )
+    secret: WriteOnlySecret = Field(
+        description="HMAC-SHA256 key of the signature, 16 to 1024 characters. Write-only: "
+        "stored encrypted, shown as \"***\" in every response."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        check_url_syntax(v)
+        return v
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_length(cls, v: SecretStr) -> SecretStr:
+        return _secret_length(v, "webhook.secret", 16)
+
+
 class MergeSpec(_Strict):
     base: ModelRef
     experts: list[ExpertRef] = Field(min_length=1)
@@ -297,14 +375,22 @@ class MergeSpec(_Strict):
             "best trial is published and scored on the test split."
         ),
     )
-    webhook: dict[str, Any] | None = Field(default=None, description="Reserved: not available yet.")
+    hub_token: WriteOnlySecret | None = Field(
+        default=None,
+        description=(
+            "A Hugging Face token used for every hf:// source (and an hf:// output). "
+            "Write-only: stored encrypted, shown as \"***\" in every response."
+        ),
+    )
+    webhook: WebhookSpec | None = Field(
+        default=None,
+        description="POST the job to this URL when it succeeds, fails or is cancelled.",
+    )
 
-    @field_validator("webhook")
+    @field_validator("hub_token")
     @classmethod
-    def _reserved(cls, v: dict[str, Any] | None) -> None:
-        if v is not None:
-            raise ValueError("not available yet in this version")
-        return None
+    def _token_length(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else _secret_length(v, "hub_token", 1)
 
     @model_validator(mode="after")
     def _grams_present(self) -> MergeSpec:
@@ -413,6 +499,16 @@ class JobEvent(BaseModel):
     data: dict[str, Any] | None = None
 
 
+class WebhookDelivery(BaseModel):
+    """One attempt to deliver the job's webhook: the receiver's HTTP status, or what
+    went wrong before one came back."""
+
+    at: datetime
+    attempt: int
+    status_code: int | None = None
+    error: str | None = None
+
+
 class Job(BaseModel):
     id: str
     status: JobStatus
@@ -426,6 +522,10 @@ class Job(BaseModel):
     result: JobResult | None = None
     error: JobError | None = None
     events: list[JobEvent] = Field(default_factory=list)
+    deliveries: list[WebhookDelivery] = Field(
+        default_factory=list,
+        description="Every webhook delivery attempt, oldest first.",
+    )
 
 
 class JobPage(BaseModel):

@@ -9,14 +9,19 @@ from fastapi import FastAPI
 
 import crucible
 from crucible.queue import make_celery
+from crucible.secrets import check_secrets_key
 from crucible.settings import Settings, get_settings
 from crucible.store import JobStore
 from service.errors import install_error_handlers
-from service.routes import datasets, merges, meta
+from service.metrics import install_metrics
+from service.request_id import RequestIdMiddleware
+from service.routes import datasets, events, merges, meta
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # No way to decrypt request secrets (no key with a database server): refuse to start.
+    check_secrets_key(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,4 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(merges.router)
     app.include_router(datasets.router)
     app.include_router(meta.router)
+    app.include_router(events.router)
+    install_metrics(app)
+    # Added last, so outermost: every other middleware and handler logs with the id.
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -1,14 +1,32 @@
-"""Celery tasks. Thin: each one hands a job id to crucible.runner."""
+"""Celery tasks. Thin: each one hands a job id to crucible.runner or crucible.webhooks."""
 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
+from celery.signals import setup_logging
+
+from crucible.logs import bind_job, configure_logging
 from crucible.queue import RUN_MERGE_TASK
 from crucible.runner import execute_job
+from crucible.secrets import check_secrets_key
 from crucible.settings import Settings, get_settings
 from crucible.store import JobStore
+from crucible.webhooks import DELIVER_WEBHOOK_TASK, deliver
 from worker.app import celery
+
+# A worker that could not decrypt request secrets must not start: SecretsKeyError says why.
+# (At import, which the worker does at startup and re-raises; a worker_init signal's
+# exception would only be logged.)
+check_secrets_key(get_settings())
+
+
+@setup_logging.connect
+def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Our log lines (JSON by default, CRUCIBLE_LOG_FORMAT) instead of Celery's format;
+    connecting this receiver is what stops Celery from configuring logging itself."""
+    configure_logging("json", loglevel)
 
 
 @cache
@@ -22,4 +40,12 @@ def _context() -> tuple[JobStore, Settings]:
 @celery.task(name=RUN_MERGE_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_merge(job_id: str) -> str | None:
     store, settings = _context()
-    return execute_job(job_id, store, settings)
+    with bind_job(job_id):  # every log line of the job carries its id
+        return execute_job(job_id, store, settings)
+
+
+@celery.task(name=DELIVER_WEBHOOK_TASK, acks_late=True)
+def deliver_webhook(job_id: str) -> bool | None:
+    """The webhook of a job the API finished itself (cancelled while queued)."""
+    store, settings = _context()
+    return deliver(store, job_id, settings)

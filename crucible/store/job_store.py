@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, get_args
 
@@ -37,6 +38,9 @@ from crucible.spec import (
 from crucible.store.api_keys import ApiKeyMixin
 from crucible.store.cursors import decode_cursor, encode_cursor, new_job_id
 from crucible.store.datasets import DatasetMixin, TrialMixin
+from crucible.store.events import EventReadMixin
+from crucible.store.job_metrics import JobMetricsMixin
+from crucible.store.leases import LeaseMixin
 from crucible.store.models import JobEventRow, JobRow, now_utc
 
 __all__ = ["JobStore", "decode_cursor", "encode_cursor", "new_job_id"]
@@ -156,10 +160,13 @@ def _job_from_row(row: JobRow, events: Sequence[JobEvent] = ()) -> Job:
         result=JobResult.model_validate(row.result) if row.result is not None else None,
         error=JobError.model_validate(row.error) if row.error is not None else None,
         events=list(events),
+        deliveries=row.deliveries or [],
     )
 
 
-class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin):
+class JobStore(
+    ApiKeyMixin, DatasetMixin, TrialMixin, EventReadMixin, JobMetricsMixin, LeaseMixin
+):
     """Jobs, job events, API keys, datasets and tuning trials in one SQL database (SQLite
     file or PostgreSQL). Dataset blobs live under ``artifacts_root`` (the settings' one
     when not given)."""
@@ -383,17 +390,22 @@ class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin):
                 )
             return self._get(session, job_id, tenant)
 
-    def claim(self, job_id: str, worker: str) -> Job | None:
-        """queued -> running for exactly one caller; None if the job is not queued."""
+    def claim(self, job_id: str, worker: str, lease_seconds: float = 60.0) -> Job | None:
+        """queued -> running for exactly one caller, who holds it by a lease of
+        `lease_seconds` (renewed by `heartbeat`); None if the job is not queued."""
+        now = now_utc()
         with self._tx(write=True) as session:
             claimed = session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "queued")
                 .values(
                     status="running",
-                    started_at=now_utc(),
+                    # A requeued job keeps the time its first attempt started.
+                    started_at=func.coalesce(JobRow.started_at, now),
                     worker=worker,
                     attempts=JobRow.attempts + 1,
+                    heartbeat_at=now,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -426,6 +438,41 @@ class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin):
                 JobEventRow(job_id=job_id, at=now_utc(), kind=kind, message=message, data=data)
             )
 
+    # -- secrets and webhook deliveries (crucible/secrets.py, crucible/webhooks.py) --------
+
+    def set_job_secrets(self, job_id: str, ciphertext: str | None) -> None:
+        """Store the job's encrypted secrets (Fernet ciphertext; never plaintext)."""
+        with self._tx(write=True) as session:
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(secrets=ciphertext)
+                .execution_options(synchronize_session=False)
+            )
+
+    def get_job_secrets(self, job_id: str) -> str | None:
+        """The job's secrets ciphertext, for the worker to decrypt; None when it has none."""
+        with self._tx() as session:
+            value = session.execute(
+                select(JobRow.secrets).where(JobRow.id == job_id)
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
+    def add_delivery(self, job_id: str, record: dict[str, Any]) -> None:
+        """Append one webhook delivery attempt to jobs.deliveries (read-modify-write under
+        the write lock: SQLite's BEGIN IMMEDIATE, PostgreSQL's row lock)."""
+        with self._tx(write=True) as session:
+            query = select(JobRow.deliveries).where(JobRow.id == job_id)
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            current = session.execute(query).scalar_one_or_none()
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(deliveries=[*(current or []), record])
+                .execution_options(synchronize_session=False)
+            )
+
     def is_cancel_requested(self, job_id: str) -> bool:
         with self._tx() as session:
             flag = session.execute(
@@ -439,8 +486,10 @@ class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin):
         status: str,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
-    ) -> None:
-        """Terminal state. A job that is already terminal keeps its first outcome."""
+        owner: str | None = None,
+    ) -> bool:
+        """Terminal state. A job that is already terminal keeps its first outcome; with
+        `owner`, only while that worker still holds the job. True when this call stored it."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish() needs one of {sorted(TERMINAL_STATUSES)}, not {status!r}")
         # Validate on the way in, so a bad payload fails the writer, not every later read.
@@ -450,10 +499,14 @@ class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin):
         error_doc = None
         if error is not None:
             error_doc = JobError.model_validate(error).model_dump(mode="json")
+        conditions = [JobRow.id == job_id, JobRow.status.in_(("queued", "running"))]
+        if owner is not None:
+            conditions.append(JobRow.worker == owner)
         with self._tx(write=True) as session:
-            session.execute(
+            done = session.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status.in_(("queued", "running")))
+                .where(*conditions)
                 .values(status=status, result=result_doc, error=error_doc, finished_at=now_utc())
                 .execution_options(synchronize_session=False)
             )
+            return bool(done.rowcount == 1)  # type: ignore[attr-defined]

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import logging
+from pathlib import PurePosixPath
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from crucible.artifacts import artifact_store
+from crucible.errors import CrucibleError
+from crucible.publish.sinks import output_key
 from crucible.queue import enqueue_merge
+from crucible.secrets import JobSecrets, encrypt_secrets
 from crucible.settings import Settings
 from crucible.sources.uri import parse_uri
-from crucible.spec import Job, JobPage, JobStatus, MergeSpec
+from crucible.spec import REDACTED, Job, JobPage, JobStatus, MergeSpec
 from crucible.store import IdempotencyConflict, JobStore
 from crucible.store.datasets import best_trial
+from crucible.webhook_url import resolve_target
+from crucible.webhooks import enqueue_delivery, has_webhook
 from service.auth import Tenant
 from service.errors import ApiError
+from service.storable import UNSTORABLE_MESSAGE, PathId, first_unstorable
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
@@ -74,6 +83,37 @@ def _check_limits_and_paths(spec: MergeSpec, settings: Settings) -> None:
             )
 
 
+def _check_secrets_and_webhook(spec: MergeSpec, settings: Settings) -> JobSecrets:
+    """The request's secrets (to be encrypted); a webhook URL the SSRF policy refuses, or
+    a secret that is only the redaction marker (a spec copied from a response), is a 422."""
+    secrets = JobSecrets.from_spec(spec)
+    markers = [("hub_token", spec.hub_token)]
+    if spec.webhook is not None:
+        markers.append(("webhook.secret", spec.webhook.secret))
+    for field, value in markers:
+        if value is not None and value.get_secret_value() == REDACTED:
+            raise ApiError(
+                422,
+                "invalid_spec",
+                f"{field}: {REDACTED!r} is the redaction marker of a stored spec; send the "
+                "secret itself",
+                {"field": field},
+            )
+    if spec.webhook is not None:
+        try:
+            resolve_target(spec.webhook.url, settings.webhook_allowed_hosts)
+        except CrucibleError as exc:
+            raise ApiError(422, exc.code, exc.message, exc.detail) from None
+    return secrets
+
+
+def _check_storable(spec: MergeSpec) -> None:
+    field = first_unstorable(spec.model_dump(mode="json"), "body")
+    if field is not None:
+        message = f"{field}: {UNSTORABLE_MESSAGE}"
+        raise ApiError(422, "invalid_request", message, [{"field": field, "message": message}])
+
+
 def _dataset_fields(spec: MergeSpec) -> list[tuple[str, str]]:
     """(field, dataset id) for every dataset reference in the spec."""
     refs = [(f"experts.{i}.dataset", e.dataset) for i, e in enumerate(spec.experts) if e.dataset]
@@ -108,6 +148,8 @@ def _check_datasets(spec: MergeSpec, store: JobStore, tenant: str) -> None:
     response_model=Job,
     responses={
         **_ERRORS,
+        200: {"model": Job, "description": "The job this Idempotency-Key already made"},
+        400: {"description": "The body is not JSON"},
         404: {"description": "A referenced dataset is not this tenant's (dataset_not_found)"},
         409: {},
         503: {},
@@ -124,7 +166,12 @@ def submit_merge(
     job (200 instead of 202 when it already existed); another body under the key is a 409."""
     store, settings = _store(request), _settings(request)
     _check_limits_and_paths(spec, settings)
+    _check_storable(spec)
+    secrets = _check_secrets_and_webhook(spec, settings)
     _check_datasets(spec, store, tenant)
+    # The stored spec and its digest hold "***" where a secret was (WriteOnlySecret), so an
+    # Idempotency-Key retry with another token returns the existing job and its secrets.
+    ciphertext = encrypt_secrets(secrets, settings)
     try:
         job, created = store.create_job(
             tenant, spec.model_dump(mode="json"), spec.digest(), idempotency_key
@@ -140,6 +187,8 @@ def submit_merge(
     if not created:
         response.status_code = 200
         return job
+    if ciphertext is not None:
+        store.set_job_secrets(job.id, ciphertext)
     try:
         enqueue_merge(request.app.state.celery, job.id)
     except Exception as exc:
@@ -183,17 +232,26 @@ def _job_or_404(request: Request, tenant: str, job_id: str) -> Job:
 
 
 @router.get("/{job_id}", response_model=Job, responses=_ERRORS)
-def get_merge(job_id: str, request: Request, tenant: Tenant) -> Job:
+def get_merge(job_id: PathId, request: Request, tenant: Tenant) -> Job:
     return _job_or_404(request, tenant, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=_ERRORS)
-def cancel_merge(job_id: str, request: Request, tenant: Tenant) -> Job:
+def cancel_merge(job_id: PathId, request: Request, tenant: Tenant) -> Job:
     """Queued jobs are cancelled at once and never start; running jobs stop at the next
     tensor; finished jobs are returned unchanged."""
+    before = _store(request).get_job(job_id, tenant)
     job = _store(request).request_cancel(job_id, tenant)
     if job is None:
         raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+    # A job cancelled while queued was finished here, not by a worker: its webhook goes out
+    # through the queue, so this request never waits on the receiver.
+    just_cancelled = before is not None and before.status == "queued"
+    if just_cancelled and job.status == "cancelled" and has_webhook(job):
+        try:
+            enqueue_delivery(request.app.state.celery, job.id)
+        except Exception as exc:
+            log.error("webhook task for %s not sent: %s", job.id, type(exc).__name__)
     return job
 
 
@@ -208,7 +266,7 @@ class TrialPage(BaseModel):
 
 
 @router.get("/{job_id}/trials", response_model=TrialPage, responses=_ERRORS)
-def get_merge_trials(job_id: str, request: Request, tenant: Tenant) -> TrialPage:
+def get_merge_trials(job_id: PathId, request: Request, tenant: Tenant) -> TrialPage:
     """The tuning trials recorded so far (empty for a job without tuning)."""
     _job_or_404(request, tenant, job_id)
     items = _store(request).list_trials(job_id)
@@ -220,15 +278,32 @@ def get_merge_trials(job_id: str, request: Request, tenant: Tenant) -> TrialPage
     response_class=FileResponse,
     responses={**_ERRORS, 409: {"description": "The job has not succeeded"}},
 )
-def get_merge_file(job_id: str, path: str, request: Request, tenant: Tenant) -> FileResponse:
+def get_merge_file(job_id: PathId, path: str, request: Request, tenant: Tenant) -> FileResponse:
     job = _job_or_404(request, tenant, job_id)
     if job.status != "succeeded" or job.result is None:
         raise ApiError(409, "not_ready", f"job {job_id} has no output (status {job.status})")
     known = {f.path for f in job.result.files}
     if path not in known:
         raise ApiError(404, "not_found", f"job {job_id} has no file {path!r}")
-    root = _settings(request).job_output_dir(job_id).resolve()
+    settings = _settings(request)
+    root = settings.job_output_dir(job_id).resolve()
     target = (root / path).resolve()
-    if not target.is_relative_to(root) or not target.is_file():
+    if not target.is_relative_to(root):
         raise ApiError(404, "not_found", f"job {job_id} has no file {path!r}")
-    return FileResponse(target, filename=target.name)
+    if target.is_file():
+        return FileResponse(target, filename=target.name)
+    # Not on this machine: the worker that made it stored it in the remote artifact store.
+    store = artifact_store(settings)
+    key = f"{output_key(job_id)}/{path}"
+    size = store.size(key) if store.remote else None
+    if size is None:
+        raise ApiError(404, "not_found", f"job {job_id} has no file {path!r}")
+    name = PurePosixPath(path).name
+    return StreamingResponse(
+        store.open_range(key),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f"attachment; filename*=utf-8''{quote(name)}",
+        },
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.fernet import Fernet
 
 from crucible.cli import worker_argv
 from tests.support.ports import free_port
@@ -25,7 +26,9 @@ class Stack:
     """Starts uvicorn and a Celery worker with `env` as their whole environment."""
 
     def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env = {**env, "PYTHONUNBUFFERED": "1"}
+        # Production mode (a database server) needs a shared key for request secrets.
+        key = Fernet.generate_key().decode()
+        self.env = {"CRUCIBLE_SECRETS_KEY": key, **env, "PYTHONUNBUFFERED": "1"}
         self.logdir = logdir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -1,0 +1,97 @@
+"""A real HTTP server in a thread that records webhook deliveries (tests only).
+
+`with WebhookReceiver(statuses=[503, 503, 200]) as hook:` answers each POST with the next
+status (the last one repeats), records method, path, headers and raw body, and can
+answer with a redirect (`redirect_to`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+
+
+@dataclass
+class Delivery:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float = field(default_factory=time.monotonic)
+
+
+class WebhookReceiver:
+    def __init__(self, statuses: list[int] | None = None, redirect_to: str | None = None) -> None:
+        self.statuses = list(statuses or [200])
+        self.redirect_to = redirect_to
+        self.deliveries: list[Delivery] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0  # set by start(); kept after stop() (a port nobody listens on)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _next_status(self) -> int:
+        with self._lock:
+            index = min(len(self.deliveries), len(self.statuses)) - 1
+            return self.statuses[max(index, 0)]
+
+    def start(self) -> WebhookReceiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                with receiver._lock:
+                    receiver.deliveries.append(
+                        Delivery("POST", self.path, dict(self.headers.items()), body)
+                    )
+                status = receiver._next_status()
+                self.send_response(status)
+                if receiver.redirect_to and 300 <= status < 400:
+                    self.send_header("Location", receiver.redirect_to)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_for(self, count: int, timeout: float = 120.0) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.deliveries) >= count:
+                    return list(self.deliveries)
+            time.sleep(0.05)
+        raise AssertionError(f"{len(self.deliveries)} deliveries after {timeout}s, not {count}")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> WebhookReceiver:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
