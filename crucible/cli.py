@@ -1,4 +1,5 @@
-"""`crucible` command line: up | serve | worker | merge | keys | openapi."""
+"""`crucible` command line: up | serve | worker | reap | merge | submit | download | keys |
+openapi."""
 
 from __future__ import annotations
 
@@ -58,10 +59,14 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
 ) -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API (uvicorn). Logs JSON lines unless CRUCIBLE_LOG_FORMAT=text."""
     import uvicorn
 
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port)
+    from crucible.logs import configure_logging
+
+    configure_logging("json")
+    # log_config=None: uvicorn's loggers go through ours instead of its own formatters.
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_config=None)
 
 
 @app.command()
@@ -72,6 +77,21 @@ def worker(
 ) -> None:
     """Run a Celery worker on the `gpu` queue."""
     os.execv(sys.executable, worker_argv(concurrency, pool, loglevel))
+
+
+@app.command()
+def reap() -> None:
+    """Requeue running jobs whose worker stopped renewing its lease (or fail them with
+    worker_lost after max_attempts). Workers do this on their own; this is one pass now."""
+    from crucible.reaper import celery_enqueue, reap_once
+
+    settings = get_settings()
+    result = reap_once(_store(settings), settings, celery_enqueue(settings))
+    typer.echo(
+        json.dumps({"requeued": result.requeued, "failed": result.failed, "unsent": result.unsent})
+    )
+    if result.unsent:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -86,7 +106,11 @@ def up(
     local artifact store), all under DATA_DIR. Ctrl-C stops both."""
     import uvicorn
 
+    from crucible.logs import LOG_FORMAT_ENV, configure_logging
+
     os.environ["CRUCIBLE_DATA_DIR"] = str(data_dir.resolve())
+    os.environ.setdefault(LOG_FORMAT_ENV, "text")  # a person reads these; the worker too
+    configure_logging("text")
     settings = get_settings()
     _store(settings)  # migrate once before two processes race to it
     worker_proc = subprocess.Popen(worker_argv(1, "prefork", "warning"))
@@ -95,7 +119,7 @@ def up(
         f"data in {settings.data_root}"
     )
     try:
-        uvicorn.run("service.app:create_app", factory=True, host=host, port=port)
+        uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_config=None)
     finally:
         worker_proc.send_signal(signal.SIGTERM)
         try:
@@ -147,9 +171,11 @@ def merge(
     from pydantic import ValidationError
 
     from crucible.errors import CrucibleError
+    from crucible.logs import configure_logging
     from crucible.pipeline import run_merge_job
     from crucible.spec import MergeSpec
 
+    configure_logging("text", "WARNING")
     try:
         raw = yaml.safe_load(spec_file.read_text())
         spec = MergeSpec.model_validate(raw)
@@ -231,6 +257,19 @@ def keys_revoke(key_id: Annotated[str, typer.Argument()]) -> None:
     console.print(f"revoked {key_id}")
 
 
+@keys_app.command("rotate")
+def keys_rotate(key_id: Annotated[str, typer.Argument()]) -> None:
+    """Replace a key: a new one for the same tenant is printed once, the old one is revoked
+    at once (in one transaction)."""
+    rotated = _store(get_settings()).rotate_api_key(key_id)
+    if rotated is None:
+        console.print(f"[red]no active key {key_id}[/]")
+        raise typer.Exit(1)
+    new_id, plaintext = rotated
+    console.print(f"revoked {key_id}; new key {new_id}: store it now, it is not shown again")
+    typer.echo(plaintext)
+
+
 @app.command()
 def openapi(
     check: Annotated[bool, typer.Option(help="Fail if openapi/openapi.json is stale.")] = False,
@@ -249,6 +288,78 @@ def openapi(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     console.print(f"wrote {path}")
+
+
+_URL = typer.Option(envvar="CRUCIBLE_URL", help="The API's base URL.")
+_KEY = typer.Option(envvar="CRUCIBLE_API_KEY", help="API key (or CRUCIBLE_API_KEY).")
+
+
+@app.command()
+def submit(
+    spec_file: Annotated[Path, typer.Argument(help="A MergeSpec as YAML or JSON.")],
+    wait: Annotated[bool, typer.Option(help="Follow the job live until it ends.")] = False,
+    url: Annotated[str, _URL] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, _KEY] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Resubmitting with the same key returns the same job.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
+) -> None:
+    """Submit a merge to a Crucible server. Prints the job id; with --wait, shows the
+    stage, progress, ETA and best trial live and prints the result URI. Exit status: 0
+    succeeded (or queued, without --wait), 1 failed or cancelled, 2 refused by the server
+    or unreadable spec, 124 timed out."""
+    from crucible.client import ApiError, CrucibleClient, WaitTimeout
+    from crucible.watch import JobView
+
+    with CrucibleClient(url, api_key) as client:
+        try:
+            job = client.submit(spec_file, idempotency_key=idempotency_key)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            console.print(f"[red]cannot read {spec_file}: {exc}[/]")
+            raise typer.Exit(2) from None
+        except ApiError as exc:
+            console.print(f"[red]refused: {exc.code}: {exc.message}[/]")
+            raise typer.Exit(2) from None
+        console.print(f"job {job.id} {job.status}")
+        if not wait:
+            typer.echo(job.id)
+            return
+        try:
+            with JobView(console, job.id) as view:
+                job = client.wait(job.id, on_event=view.on_event, timeout=timeout)
+        except WaitTimeout as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(124) from None
+    if job.status != "succeeded" or job.result is None:
+        error = job.error
+        code, message = (error.code, error.message) if error else (job.status, "no error recorded")
+        console.print(f"[red]job {job.id} {job.status}: {code}: {message}[/]")
+        raise typer.Exit(1)
+    console.print(f"[green]job {job.id} succeeded[/]")
+    typer.echo(job.result.uri)
+
+
+@app.command()
+def download(
+    job_id: Annotated[str, typer.Argument(help="A succeeded job's id.")],
+    dest: Annotated[Path, typer.Argument(help="Folder to write the output files into.")],
+    url: Annotated[str, _URL] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, _KEY] = None,
+) -> None:
+    """Download every output file of a job, each checked against its recorded sha256."""
+    from crucible.client import ApiError, ChecksumMismatch, CrucibleClient, JobNotSucceeded
+
+    with CrucibleClient(url, api_key) as client:
+        try:
+            paths = client.download(job_id, dest)
+        except (ApiError, JobNotSucceeded, ChecksumMismatch) as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
+    for path in paths:
+        typer.echo(str(path))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ class CrucibleError(Exception):
       incompatible_models, bad_grams, non_finite, device_unavailable, dataset_not_found,
       bad_dataset, dataset_mismatch, dataset_too_small, unsupported_model, no_tokenizer,
       limit_exceeded, nothing_to_tune, tuning_failed, unsupported_adapter, corrupt_adapter,
-      adapter_base_mismatch, lora_output_needs_adapters, cancelled, internal.
+      adapter_base_mismatch, lora_output_needs_adapters, cancelled, internal,
+      worker_lost (lease expired max_attempts times), disk_full (ENOSPC/EDQUOT/EFBIG).
     """
 
     def __init__(self, code: str, message: str, detail: Any = None) -> None:

@@ -61,11 +61,14 @@ def run_merge_job(
     settings: Settings,
     reporter: Reporter,
     datasets: Mapping[str, DatasetHandle | None] | None = None,
+    hub_token: str | None = None,
 ) -> MergeOutcome:
     """Run the whole merge; the output appears at `output_dir` only when complete.
 
     `datasets`: the records of the dataset ids the spec references (None for an id the
     caller's tenant does not have), looked up by the caller (the runner, in the job store).
+    `hub_token`: the request's Hub token, decrypted by the caller (crucible.secrets); the
+    spec itself only holds "***" in its place.
     """
     # A restarted job starts the merge cleanly: staging folders an earlier attempt left are
     # removed. Each attempt stages under its own name, so an attempt that lost its lease and
@@ -78,7 +81,7 @@ def run_merge_job(
     try:
         device = compute_device(settings.device)
         found = _datasets(spec, datasets or {})
-        merge_inputs, inputs = _resolve(spec, settings, reporter)
+        merge_inputs, inputs = _resolve(spec, settings, reporter, hub_token)
         reporter.check_cancelled()
         if spec.needs_grams():
             from crucible.stats.stage import compute_statistics
@@ -163,19 +166,19 @@ def _datasets(
 
 
 def _resolve(
-    spec: MergeSpec, settings: Settings, reporter: Reporter
+    spec: MergeSpec, settings: Settings, reporter: Reporter, hub_token: str | None = None
 ) -> tuple[MergeInputs, list[dict[str, Any]]]:
     reporter.stage("resolve")
     total = 1 + len(spec.experts)
     reporter.progress(0, total, "models")
-    base = resolve_model(spec.base, settings, on_event=reporter.event)
+    base = resolve_model(spec.base, settings, on_event=reporter.event, token=hub_token)
     reporter.progress(1, total, "models")
     experts: list[ResolvedModel] = []
     expert_only: list[list[str]] = []
     for i, ref in enumerate(spec.experts):
         reporter.check_cancelled()
         expert = resolve_model(
-            ref, settings, base, ref.allow_base_mismatch, on_event=reporter.event
+            ref, settings, base, ref.allow_base_mismatch, on_event=reporter.event, token=hub_token
         )
         if expert.warning:
             reporter.event("adapter_base_unchecked", expert.warning, {"uri": ref.uri})

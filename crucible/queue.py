@@ -27,6 +27,10 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A running job needs no broker: when the broker connection drops (Redis restart),
+        # let it finish. Its message may come again; that delivery sees the job's live
+        # lease (crucible.runner) and returns at once.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
@@ -44,8 +48,11 @@ def make_celery(settings: Settings) -> Celery:
             "polling_interval": 0.1,
         }
     else:
-        # Redis redelivers an unacknowledged task after the visibility timeout; it must
-        # exceed the longest job or a running job is delivered twice.
+        # Redis redelivers an unacknowledged task after the visibility timeout. A timeout
+        # longer than the longest job keeps duplicates rare; the lease check makes the
+        # duplicates that still come (a timeout too short, a restored message) harmless.
+        # A dead worker's job does not wait for this timeout: the reaper requeues it once
+        # its lease (seconds, not hours) runs out.
         app.conf.broker_transport_options = {
             "visibility_timeout": settings.visibility_timeout_seconds
         }

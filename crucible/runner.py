@@ -1,96 +1,330 @@
-"""Runs one stored job: claim it, run the pipeline, record the outcome.
+"""Runs one stored job: take ownership, run the pipeline, publish once, record the outcome.
 
-The Celery task is a thin shell around `execute_job`; every outcome, expected or not,
-ends in a terminal status with an error code, so no job is left `running` by an error.
+The Celery task is a thin shell around `execute_job`. Ownership is a lease in the job row
+(crucible.store.leases): a delivery claims a queued job, or takes over a running one whose
+lease ran out (its worker died), up to `max_attempts`; a delivery for a job running under a
+live lease (a duplicate from the broker) returns at once. While the job runs, a heartbeat
+thread renews the lease. Every outcome, expected or not, ends in a terminal status with an
+error code, and `on_terminal` is called after each terminal status is stored.
+
+Torch-free at import (the reaper and `crucible reap` import `on_terminal`); the pipeline
+is imported when a job runs.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
-import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
 from crucible.errors import CrucibleError, JobCancelled
-from crucible.pipeline import run_merge_job
+from crucible.lease import Heartbeat, LeaseLost, worker_identity
+from crucible.publish.sinks import publish_output
+from crucible.retry import retrying
+from crucible.secrets import load_job_secrets
 from crucible.settings import Settings
-from crucible.spec import MergeSpec
+from crucible.spec import Job, MergeSpec
 from crucible.store import JobStore
+from crucible.webhooks import deliver
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+# Errors that mean "the disk (or the file-size limit) is full", wherever they surface.
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_db_transient(exc: BaseException) -> bool:
+    """A lost or refused database connection (a restart, a failover, SQLite busy)."""
+    if isinstance(exc, DisconnectionError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def store_call(settings: Settings, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """fn(*args) against the job store, retried through a database outage (the one retry
+    policy, crucible.retry, with `store_retry_attempts` tries)."""
+    policy = settings.model_copy(update={"retry_attempts": settings.store_retry_attempts})
+    return retrying(policy, what, retry_on=is_db_transient)(fn, *args, **kw)
+
 
 class StoreReporter:
-    """Writes stage, progress and events to the job row, throttled; polls the cancel flag."""
+    """Writes stage, progress and events to the job row, throttled; polls the cancel flag,
+    the lease and the wall-time limit; logs one line per stage with its duration."""
 
-    def __init__(self, store: JobStore, job_id: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        settings: Settings,
+        lease: Heartbeat | None = None,
+    ) -> None:
         self._store = store
         self._job_id = job_id
         self._settings = settings
+        self._lease = lease
         self._stage: str | None = None
+        self._timed: str | None = None  # the stage whose duration is not logged yet
+        self._stage_started = 0.0
+        self._started = time.monotonic()
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
 
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        return store_call(self._settings, f"job {self._job_id}: {what}", fn, *args)
+
     def stage(self, name: str) -> None:
-        self._stage = name
-        self._store.set_progress(self._job_id, name, 0, 0, "")
-        self._store.add_event(self._job_id, "stage", f"stage {name} started")
+        self.end_stage()
+        self._stage = self._timed = name
+        self._stage_started = time.monotonic()
+        self._call("set stage", self._store.set_progress, self._job_id, name, 0, 0, "")
+        self._call(
+            "add event", self._store.add_event, self._job_id, "stage", f"stage {name} started"
+        )
         self._last_progress = time.monotonic()
+
+    def end_stage(self) -> None:
+        """Log the stage that is ending, once, with how long it took."""
+        if self._timed is not None:
+            seconds = time.monotonic() - self._stage_started
+            log.info("job %s: stage %s took %.2f s", self._job_id, self._timed, seconds)
+            self._timed = None
 
     def progress(self, done: int, total: int, unit: str) -> None:
         now = time.monotonic()
         if done >= total or now - self._last_progress >= self._settings.progress_interval_seconds:
-            self._store.set_progress(self._job_id, self._stage, done, total, unit)
+            self._call(
+                "set progress",
+                self._store.set_progress,
+                self._job_id,
+                self._stage,
+                done,
+                total,
+                unit,
+            )
             self._last_progress = now
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
-        self._store.add_event(self._job_id, kind, message, data)
+        self._call("add event", self._store.add_event, self._job_id, kind, message, data)
 
     def trial(self, index: int, data: dict[str, Any]) -> None:
-        self._store.add_trial(self._job_id, index, data)
+        self._call("add trial", self._store.add_trial, self._job_id, index, data)
 
     def check_cancelled(self) -> None:
+        """Raise when the job must stop: lease lost, wall time spent, or cancel requested.
+        Called between tensors, trials and batches; the database is read at most every
+        `cancel_poll_seconds`."""
+        if self._lease is not None:
+            self._lease.check()
+        limit = self._settings.job_wall_time_seconds
+        if time.monotonic() - self._started > limit:
+            raise CrucibleError(
+                "limit_exceeded",
+                f"the job ran longer than its wall-time limit of {limit:g} s "
+                "(job_wall_time_seconds)",
+                {"limit": "job_wall_time_seconds", "value": limit},
+            )
         now = time.monotonic()
         if now - self._last_cancel_check < self._settings.cancel_poll_seconds:
             return
         self._last_cancel_check = now
-        if self._store.is_cancel_requested(self._job_id):
+        if self._call("read cancel flag", self._store.is_cancel_requested, self._job_id):
             raise JobCancelled("the job was cancelled while running")
 
 
-def execute_job(job_id: str, store: JobStore, settings: Settings) -> str | None:
-    """Run a queued job to a terminal state; returns that status, or None if not claimed."""
-    job = store.claim(job_id, worker=socket.gethostname())
-    if job is None:
-        log.info("job %s is not queued (cancelled or already taken); skipping", job_id)
+def on_terminal(store: JobStore, job_id: str, settings: Settings) -> None:
+    """Called once a job's terminal status is stored (by the runner or the reaper). Never
+    raises: the outcome is already recorded."""
+    try:
+        job = store.get_job(job_id)
+        status = job.status if job is not None else "missing"
+        log.info("job %s ended %s", job_id, status)
+        if job is not None:
+            # Inline: the job is already recorded; retries wait here, not in the API.
+            deliver(store, job_id, settings)
+    except Exception:
+        log.exception("job %s: on_terminal failed", job_id)
+
+
+def remove_output(output_dir: Path) -> None:
+    """A failed or cancelled job leaves nothing: the output and every staging folder."""
+    shutil.rmtree(output_dir, ignore_errors=True)
+    if output_dir.parent.is_dir():
+        for staging in output_dir.parent.glob(f"{output_dir.name}.partial*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT/EFBIG error behind `exc` (itself or a cause), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _acquire(store: JobStore, job_id: str, owner: str, settings: Settings) -> Job | None:
+    """This delivery's job, now owned by `owner`, or None when it must not run it."""
+    job = store_call(
+        settings, f"claim job {job_id}", store.claim, job_id, owner, settings.lease_seconds
+    )
+    if job is not None:
+        return job
+    job = store_call(
+        settings,
+        f"take over job {job_id}",
+        store.take_over,
+        job_id,
+        owner,
+        settings.lease_seconds,
+        settings.max_attempts,
+    )
+    if job is not None:
+        log.warning("job %s: lease had expired; this worker takes it over", job_id)
+        store_call(
+            settings,
+            "add event",
+            store.add_event,
+            job_id,
+            "takeover",
+            "the previous worker stopped renewing its lease; the job restarts on another",
+            None,
+        )
+        return job
+    if store_call(
+        settings, f"fail job {job_id}", store.fail_expired, job_id, settings.max_attempts
+    ):
+        log.error("job %s: worker lost %d times; failed", job_id, settings.max_attempts)
+        on_terminal(store, job_id, settings)
         return None
+    log.info("job %s is not runnable here (live lease, cancelled or finished); skipping", job_id)
+    return None
+
+
+def _finish(
+    store: JobStore,
+    job_id: str,
+    owner: str,
+    settings: Settings,
+    status: str,
+    **outcome: Any,
+) -> str | None:
+    stored = store_call(
+        settings, f"finish job {job_id}", store.finish, job_id, status, owner=owner, **outcome
+    )
+    if not stored:
+        log.warning("job %s: not ours any more; outcome %s not recorded", job_id, status)
+        return None
+    on_terminal(store, job_id, settings)
+    return status
+
+
+def execute_job(job_id: str, store: JobStore, settings: Settings) -> str | None:
+    """Run a delivered job to a terminal state; returns that status, or None when this
+    delivery did not run it (a duplicate, or the job is not runnable, or lost midway)."""
+    owner = worker_identity()
+    job = _acquire(store, job_id, owner, settings)
+    if job is None:
+        return None
+    held = store_call(settings, "read ownership", store.ownership, job_id)
+    if held is not None and held.published_at is not None:
+        # An earlier attempt published and stopped before finishing: never publish again.
+        log.info("job %s was published by an earlier attempt; recording that result", job_id)
+        return _finish(store, job_id, owner, settings, "succeeded", result=held.result)
     output_dir = settings.job_output_dir(job_id)
-    reporter = StoreReporter(store, job_id, settings)
+    with Heartbeat(
+        store, job_id, owner, settings.lease_seconds, settings.heartbeat_seconds
+    ) as lease:
+        reporter = StoreReporter(store, job_id, settings, lease)
+        try:
+            return _run(job, store, owner, settings, reporter, lease, output_dir)
+        finally:
+            reporter.end_stage()
+
+
+def _run(
+    job: Job,
+    store: JobStore,
+    owner: str,
+    settings: Settings,
+    reporter: StoreReporter,
+    lease: Heartbeat,
+    output_dir: Path,
+) -> str | None:
+    from crucible.pipeline import run_merge_job
+
+    job_id = job.id
     try:
         spec = MergeSpec.model_validate(job.spec)
-        tenant = store.tenant_of(job_id)
+        tenant = store_call(settings, "read tenant", store.tenant_of, job_id)
         datasets = {d: store.get_dataset(tenant, d) for d in spec.dataset_ids()}
-        outcome = run_merge_job(spec, output_dir, settings, reporter, datasets)
-    except JobCancelled as exc:
-        shutil.rmtree(output_dir, ignore_errors=True)
-        store.finish(job_id, "cancelled", error=exc.as_dict())
-        return "cancelled"
-    except CrucibleError as exc:
-        store.add_event(job_id, "error", exc.message, {"code": exc.code})
-        store.finish(job_id, "failed", error=exc.as_dict())
-        return "failed"
-    except Exception as exc:
+        # The request's secrets, decrypted here only (the stored spec holds "***").
+        secrets = load_job_secrets(store, job_id, settings)
+        outcome = run_merge_job(
+            spec, output_dir, settings, reporter, datasets, hub_token=secrets.hub_token
+        )
+        lease.check()
+        uri = publish_output(
+            outcome.output_dir, spec, job_id, settings, reporter, hub_token=secrets.hub_token
+        )
+        result = {
+            "uri": uri,
+            "files": outcome.files,
+            "metrics": outcome.metrics,
+            "inputs": outcome.inputs,
+            "report": outcome.report,
+        }
+        if not store_call(settings, "record publish", store.record_publish, job_id, owner, result):
+            raise LeaseLost(job_id)
+    except BaseException as exc:
+        if isinstance(exc, LeaseLost) or lease.lost:
+            # Another attempt owns the job now; its files are not ours to remove.
+            log.warning("job %s: stopped, the lease was lost (%s)", job_id, exc)
+            return None
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt/SystemExit: the lease runs out, a reaper requeues
+        remove_output(output_dir)
+        return _failed(store, job_id, owner, settings, exc)
+    return _finish(store, job_id, owner, settings, "succeeded", result=result)
+
+
+def _failed(
+    store: JobStore, job_id: str, owner: str, settings: Settings, exc: Exception
+) -> str | None:
+    if isinstance(exc, JobCancelled):
+        return _finish(store, job_id, owner, settings, "cancelled", error=exc.as_dict())
+    full = disk_full(exc)
+    if full is not None:
+        error = CrucibleError(
+            "disk_full",
+            f"no space left to write the job's files ({full.strerror}); the partial output "
+            "was removed",
+            {"errno": full.errno, "file": Path(full.filename).name if full.filename else None},
+        )
+    elif isinstance(exc, CrucibleError):
+        error = exc
+    else:
         log.exception("job %s failed unexpectedly", job_id)
-        error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}", "detail": None}
-        store.finish(job_id, "failed", error=error)
-        return "failed"
-    result = {
-        "uri": f"local://jobs/{job_id}/output",
-        "files": outcome.files,
-        "metrics": outcome.metrics,
-        "inputs": outcome.inputs,
-        "report": outcome.report,
-    }
-    store.finish(job_id, "succeeded", result=result)
-    return "succeeded"
+        error = CrucibleError("internal", f"{type(exc).__name__}: {exc}")
+    store_call(
+        settings,
+        "add event",
+        store.add_event,
+        job_id,
+        "error",
+        error.message,
+        {"code": error.code},
+    )
+    return _finish(store, job_id, owner, settings, "failed", error=error.as_dict())

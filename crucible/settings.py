@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 10.0
     max_attempts: int = 3
     reaper_interval_seconds: float = 30.0
+    # Job-store writes of a running job (progress, events, heartbeats, the outcome) retry
+    # connection errors this many times with the retry policy's backoff (about 45 s in
+    # all), so a database restart does not fail the jobs that are running.
+    store_retry_attempts: int = 8
     # --- Limits (issue 6); each exceeded one is a 4xx naming the limit (or a failed job
     # with limit_exceeded when only the worker can know, e.g. input bytes).
     job_wall_time_seconds: float = 24 * 3600.0

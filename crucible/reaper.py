@@ -1,0 +1,113 @@
+"""The reaper: running jobs whose lease ran out have lost their worker.
+
+Each pass finds `running` jobs with an expired lease and, per job, either requeues it
+(status back to `queued`, the Celery task sent again) while it has attempts left, or fails
+it with `worker_lost`. Every change is a conditional UPDATE, so any number of reapers (one
+thread in every worker process, plus `crucible reap`) can run at once: each job is requeued
+or failed by exactly one of them. Torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from crucible.runner import on_terminal
+from crucible.settings import Settings
+from crucible.store import JobStore
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[str], None]
+
+
+@dataclass
+class ReapResult:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    # Requeued, but the task could not be sent: left running (expired) for the next pass.
+    unsent: list[str] = field(default_factory=list)
+
+
+def reap_once(store: JobStore, settings: Settings, enqueue: Enqueue) -> ReapResult:
+    """One pass over the running jobs whose lease expired."""
+    result = ReapResult()
+    for job_id, attempts in store.expired_jobs():
+        if attempts >= settings.max_attempts:
+            if store.fail_expired(job_id, settings.max_attempts):
+                log.error("reaper: job %s lost its worker %d times; failed", job_id, attempts)
+                result.failed.append(job_id)
+                on_terminal(store, job_id, settings)
+            continue
+        if not store.requeue_expired(job_id, settings.max_attempts):
+            continue  # another reaper, or the worker's own redelivery, got there first
+        try:
+            enqueue(job_id)
+        except Exception as exc:
+            # The broker is down: put the job back so that the next pass sends it again.
+            log.warning("reaper: could not requeue job %s (%s); will retry", job_id, exc)
+            store.unrequeue(job_id)
+            result.unsent.append(job_id)
+            continue
+        store.add_event(
+            job_id,
+            "requeued",
+            f"the worker stopped renewing its lease; requeued (attempt {attempts + 1} of "
+            f"{settings.max_attempts} next)",
+            {"attempts": attempts},
+        )
+        log.warning("reaper: job %s lost its worker; requeued", job_id)
+        result.requeued.append(job_id)
+    return result
+
+
+def celery_enqueue(settings: Settings) -> Enqueue:
+    """Sends `crucible.run_merge` through the configured broker."""
+    from crucible.queue import enqueue_merge, make_celery
+
+    app = make_celery(settings)
+
+    def enqueue(job_id: str) -> None:
+        enqueue_merge(app, job_id)
+
+    return enqueue
+
+
+class Reaper:
+    """A daemon thread running `reap_once` every `reaper_interval_seconds`.
+
+    It uses its own JobStore and drops its connections after each pass, so a prefork pool
+    that forks a new child later never hands it a live database connection.
+    """
+
+    def __init__(self, settings: Settings, enqueue: Enqueue | None = None) -> None:
+        self._settings = settings
+        self._enqueue = enqueue
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="crucible-reaper", daemon=True)
+
+    def start(self) -> Reaper:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        settings = self._settings
+        store = JobStore(settings.resolved_database_url, settings.artifacts_root)
+        enqueue = self._enqueue or celery_enqueue(settings)
+        while not self._stop.wait(settings.reaper_interval_seconds):
+            try:
+                reap_once(store, settings, enqueue)
+            except Exception as exc:  # the database is restarting: try at the next pass
+                log.warning(
+                    "reaper pass failed (%s); retrying in %.0f s",
+                    exc,
+                    settings.reaper_interval_seconds,
+                )
+            finally:
+                store.engine.dispose()
