@@ -19,7 +19,8 @@ class CrucibleError(Exception):
       bad_dataset, dataset_mismatch, dataset_too_small, unsupported_model, no_tokenizer,
       limit_exceeded, nothing_to_tune, tuning_failed, unsupported_adapter, corrupt_adapter,
       adapter_base_mismatch, lora_output_needs_adapters, cancelled, internal,
-      worker_lost (lease expired max_attempts times), disk_full (ENOSPC/EDQUOT/EFBIG).
+      worker_lost (lease expired max_attempts times), disk_full (ENOSPC/EDQUOT/EFBIG),
+      unsafe_checkpoint (a pickle weights_only refuses), corrupt_checkpoint.
     """
 
     def __init__(self, code: str, message: str, detail: Any = None) -> None:
