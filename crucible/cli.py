@@ -173,6 +173,7 @@ def merge(
     from crucible.errors import CrucibleError
     from crucible.logs import configure_logging
     from crucible.pipeline import run_merge_job
+    from crucible.secrets import JobSecrets
     from crucible.spec import MergeSpec
 
     configure_logging("text", "WARNING")
@@ -192,7 +193,11 @@ def merge(
         store = _store(settings)
         datasets = {d: store.get_dataset(tenant, d) for d in spec.dataset_ids()}
     try:
-        outcome = run_merge_job(spec, out.resolve(), settings, ConsoleReporter(), datasets)
+        # A hub_token in the spec file is used for its hf:// sources (never printed).
+        token = JobSecrets.from_spec(spec).hub_token
+        outcome = run_merge_job(
+            spec, out.resolve(), settings, ConsoleReporter(), datasets, hub_token=token
+        )
     except CrucibleError as exc:
         console.print(f"[red]{exc.code}: {exc.message}[/]")
         raise typer.Exit(1) from None
