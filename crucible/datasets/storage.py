@@ -36,6 +36,11 @@ def blob_path(artifacts_root: Path, sha256: str, fmt: DatasetFormat) -> Path:
     return datasets_dir(artifacts_root) / f"{sha256}.{fmt}"
 
 
+def blob_key(sha256: str, fmt: DatasetFormat) -> str:
+    """The blob's key in the artifact store (crucible.artifacts): its path under the root."""
+    return f"datasets/{sha256}.{fmt}"
+
+
 @contextmanager
 def blob_lock(artifacts_root: Path) -> Iterator[None]:
     """Exclusive across processes sharing the artifact folder (flock on a lock file)."""

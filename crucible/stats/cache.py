@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -34,10 +35,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crucible.artifacts import ArtifactStore, put_folder
 from crucible.sources.resolve import INDEX_FILE, ResolvedModel
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -108,16 +112,25 @@ def shard_name(index: int, count: int) -> str:
 
 
 class GramCache:
-    def __init__(self, artifacts_root: Path) -> None:
+    """`artifacts`: the artifact store (crucible.artifacts); with one on S3, a finished
+    entry is uploaded (meta.json last) and an entry this machine lacks is fetched from it."""
+
+    def __init__(self, artifacts_root: Path, artifacts: ArtifactStore | None = None) -> None:
         self.root = artifacts_root / "grams"
+        self.artifacts = artifacts
 
     def path(self, key: str) -> Path:
         return self.root / key
 
     def lookup(self, key: str) -> Path | None:
-        """The finished entry's folder, or None."""
+        """The finished entry's folder (fetched from a remote artifact store if only it has
+        the entry), or None."""
         folder = self.path(key)
-        return folder if (folder / META_FILE).is_file() else None
+        if (folder / META_FILE).is_file():
+            return folder
+        if self.artifacts is not None and self.artifacts.remote:
+            return _fetch_entry(self, key)
+        return None
 
     def meta(self, key: str) -> dict[str, Any] | None:
         folder = self.lookup(key)
@@ -190,6 +203,12 @@ class EntryWriter:
                 raise
             shutil.rmtree(self.folder, ignore_errors=True)  # another job finished it first
         self._committed = True
+        artifacts = self.cache.artifacts
+        if artifacts is not None and artifacts.remote:
+            try:
+                put_folder(artifacts, target, f"grams/{self.key}", last=META_FILE)
+            except Exception as exc:  # a cache: this machine has it; others recompute it
+                log.warning("Gram cache entry %s not stored remotely: %s", self.key, exc)
         return target
 
     def abort(self) -> None:
@@ -201,6 +220,31 @@ class EntryWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+def _fetch_entry(cache: GramCache, key: str) -> Path | None:
+    """Download a finished remote entry (the one with meta.json, which is uploaded last)
+    into a partial folder, then rename it into place like a computed one."""
+    store = cache.artifacts
+    if store is None or not store.exists(f"grams/{key}/{META_FILE}"):
+        return None
+    keys = store.list(f"grams/{key}")
+    cache.root.mkdir(parents=True, exist_ok=True)
+    partial = cache.root / f"{key}.partial-{socket.gethostname()}-{os.getpid()}-fetch"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        for item in sorted(keys, key=lambda k: k.endswith(f"/{META_FILE}")):
+            relative = item.removeprefix(f"grams/{key}/")
+            if not store.get_file(item, partial / relative):
+                return None  # removed meanwhile
+        try:
+            os.rename(partial, cache.path(key))
+        except OSError:
+            if not (cache.path(key) / META_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return cache.path(key)
 
 
 def _remove_stale_partials(root: Path, key: str) -> None:

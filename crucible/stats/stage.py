@@ -27,6 +27,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from crucible.artifacts import artifact_store
 from crucible.errors import CrucibleError
 from crucible.sources.align import align_names
 from crucible.sources.resolve import ResolvedModel, open_artifact_folder, resolve_model
@@ -82,7 +83,7 @@ def compute_statistics(
     """One Gram folder per expert (spec order), or None when the method needs no Grams."""
     if not spec.needs_grams():
         return None
-    cache = GramCache(settings.artifacts_root)
+    cache = GramCache(settings.artifacts_root, artifact_store(settings))
     folders: list[ResolvedModel | None] = [None] * len(spec.experts)
     jobs: list[_Job] = []
     for i, (ref, expert) in enumerate(zip(spec.experts, experts, strict=True)):
@@ -452,7 +453,7 @@ def task_vector_statistics(
         modules=names,
         estimator="task_vector",
     )
-    cache = GramCache(settings.artifacts_root)
+    cache = GramCache(settings.artifacts_root, artifact_store(settings))
     key = cache_key(inputs)
     folder = cache.lookup(key)
     if folder is None:

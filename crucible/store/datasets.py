@@ -18,9 +18,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from crucible.artifacts import ArtifactStore, artifact_store
 from crucible.datasets.formats import DatasetFormat
 from crucible.datasets.schema import DatasetSummary
-from crucible.datasets.storage import BlobWriter, DatasetHandle, blob_lock, blob_path
+from crucible.datasets.storage import BlobWriter, DatasetHandle, blob_key, blob_lock, blob_path
 from crucible.store.cursors import decode_cursor, encode_cursor, new_sortable_id
 from crucible.store.models import DatasetRow, TrialRow, now_utc
 
@@ -63,6 +64,18 @@ class DatasetMixin:
     def artifacts_root(self) -> Path:
         raise NotImplementedError
 
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """Where blobs are kept durably: the local folder, or CRUCIBLE_ARTIFACTS_URI (read from
+        the environment, like the artifact folder's default) with the folder as its cache."""
+        store: ArtifactStore | None = getattr(self, "_artifact_store", None)
+        if store is None or store.root != self.artifacts_root:
+            from crucible.settings import get_settings
+
+            store = artifact_store(get_settings(), self.artifacts_root)
+            self._artifact_store = store
+        return store
+
     def _blob_in_use(self, session: Session, sha256: str, fmt: str) -> bool:
         count = session.execute(
             select(func.count())
@@ -89,8 +102,10 @@ class DatasetMixin:
         if blob.artifacts_root != root:
             raise ValueError(f"blob written under {blob.artifacts_root}, store uses {root}")
         with blob_lock(root):
-            blob.commit(fmt)
+            placed = blob.commit(fmt)
             try:
+                # Stored durably before the row exists: a row never names a missing blob.
+                self.artifacts.put_file(placed, blob_key(blob.sha256, fmt))
                 with self._tx(write=True) as session:
                     row = DatasetRow(
                         id=new_dataset_id(),
@@ -113,6 +128,8 @@ class DatasetMixin:
                     in_use = self._blob_in_use(session, blob.sha256, fmt)
                 if not in_use:
                     blob_path(root, blob.sha256, fmt).unlink(missing_ok=True)
+                    if self.artifacts.remote:
+                        self.artifacts.delete(blob_key(blob.sha256, fmt))
                 raise
 
     def get_dataset(self, tenant: str, dataset_id: str) -> DatasetHandle | None:
@@ -122,6 +139,14 @@ class DatasetMixin:
                 select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.tenant == tenant)
             ).scalar_one_or_none()
             return None if row is None else _handle(row, self.artifacts_root)
+
+    def fetch_dataset(self, tenant: str, dataset_id: str) -> DatasetHandle | None:
+        """get_dataset for a worker: with a remote artifact store, a blob this machine lacks
+        (uploaded through an API elsewhere) is downloaded into the local folder first."""
+        handle = self.get_dataset(tenant, dataset_id)
+        if handle is not None and not handle.path.is_file() and self.artifacts.remote:
+            self.artifacts.get_file(blob_key(handle.sha256, handle.format), handle.path)
+        return handle
 
     def existing_dataset_ids(self, tenant: str, dataset_ids: list[str]) -> set[str]:
         """Which of these ids are the tenant's datasets."""
@@ -169,6 +194,8 @@ class DatasetMixin:
                 in_use = self._blob_in_use(session, row.sha256, row.format)
             if not in_use:
                 blob_path(root, row.sha256, row.format).unlink(missing_ok=True)
+                if self.artifacts.remote:
+                    self.artifacts.delete(blob_key(row.sha256, row.format))
         return True
 
 
