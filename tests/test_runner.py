@@ -3,9 +3,14 @@ cancellation mid-merge, cleanup of partial output, and the local CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +18,13 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file as load_numpy
+from sqlalchemy import update
 
 from crucible.runner import execute_job
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
 from crucible.store import JobStore
+from crucible.store.models import JobRow, now_utc
 from tests.support.reporters import QuietReporter
 from tests.support.tiny_models import make_gpt2_family
 
@@ -80,7 +87,7 @@ def test_running_job_stops_at_the_next_tensor_and_leaves_no_output(
     assert final.error is not None and final.error.code == "cancelled"
     assert store.last_done == 3, "the job must stop at the tensor after the request"
     out = settings.job_output_dir(job.id)
-    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert not out.exists() and not list(out.parent.glob(out.name + ".partial*"))
     # A redelivery of the same task does nothing.
     assert execute_job(job.id, store, settings) is None
 
@@ -190,3 +197,196 @@ def test_elementwise_methods_merge_large_tensors_in_row_blocks(
         w = w.astype(np.float64)
         expected = w + 0.6 * (1.0 * (a[name] - w) + 3.0 * (b[name] - w))
         np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# -- ownership, exactly-once publish, limits (issue 6) ----------------------------------------
+
+
+def _store(settings: Settings) -> JobStore:
+    store = JobStore(settings.resolved_database_url, settings.artifacts_root)
+    store.migrate()
+    return store
+
+
+def _settings(tmp_path: Path, family: tuple[Path, list[Path]], **kw: Any) -> Settings:
+    return Settings(data_dir=tmp_path / "data", allowed_local_dirs=[family[0].parent], **kw)
+
+
+def _as_dead_worker(store: JobStore, job_id: str, attempts: int = 1) -> None:
+    """The job as a worker that died mid-run leaves it: running, its lease run out."""
+    assert store.claim(job_id, "dead-host:1:0", lease_seconds=60) is not None
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id)
+            .values(attempts=attempts, lease_expires_at=now_utc() - timedelta(seconds=1))
+        )
+
+
+def _hashes(folder: Path, card: bool = True) -> dict[str, str]:
+    """sha256 of every file; card=False leaves out README.md, whose metrics table carries
+    the run's timings (merge_seconds), so it differs between two runs of the same merge."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and (card or p.name != "README.md")
+    }
+
+
+def test_duplicate_delivery_of_a_running_job_exits_at_once(
+    tmp_path: Path, family: tuple[Path, list[Path]]
+) -> None:
+    settings = _settings(tmp_path, family)
+    store = _store(settings)
+    job, _ = store.create_job("acme", _spec(family), "d", None)
+    assert store.claim(job.id, "other-worker", lease_seconds=60) is not None
+    before = store.ownership(job.id)
+    assert execute_job(job.id, store, settings) is None
+    assert store.ownership(job.id) == before  # same owner, attempts, lease
+    assert not settings.job_output_dir(job.id).parent.exists()  # nothing ran
+
+
+def test_expired_lease_is_taken_over_and_the_job_restarts_cleanly(
+    tmp_path: Path, family: tuple[Path, list[Path]]
+) -> None:
+    settings = _settings(tmp_path, family)
+    store = _store(settings)
+    clean, _ = store.create_job("acme", _spec(family), "d", None)
+    assert execute_job(clean.id, store, settings) == "succeeded"
+
+    job, _ = store.create_job("acme", _spec(family), "d2", None)
+    _as_dead_worker(store, job.id)
+    out = settings.job_output_dir(job.id)
+    stale = out.with_name(out.name + ".partial-deadbeef")  # the dead attempt's half merge
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half a shard")
+    assert execute_job(job.id, store, settings) == "succeeded"
+
+    held = store.ownership(job.id)
+    assert held is not None and held.status == "succeeded" and held.attempts == 2
+    assert held.published_at is not None
+    assert not stale.exists() and sorted(p.name for p in out.parent.iterdir()) == ["output"]
+    assert _hashes(out, card=False) == _hashes(settings.job_output_dir(clean.id), card=False)
+    final = store.get_job(job.id)
+    assert final is not None and final.result is not None
+    assert final.result.uri == f"local://jobs/{job.id}/output"
+    assert {f.path: f.sha256 for f in final.result.files} == _hashes(out)
+    kinds = [e.kind for e in final.events]
+    assert kinds.count("takeover") == 1 and kinds.count("published") == 1
+
+
+def test_job_whose_worker_was_lost_max_attempts_times_fails_worker_lost(
+    tmp_path: Path, family: tuple[Path, list[Path]]
+) -> None:
+    settings = _settings(tmp_path, family, max_attempts=2)
+    store = _store(settings)
+    job, _ = store.create_job("acme", _spec(family), "d", None)
+    _as_dead_worker(store, job.id, attempts=2)
+    assert execute_job(job.id, store, settings) is None
+    final = store.get_job(job.id)
+    assert final is not None and final.status == "failed" and final.error is not None
+    assert final.error.code == "worker_lost"
+    assert not settings.job_output_dir(job.id).exists()
+
+
+def test_published_job_is_never_published_again(
+    tmp_path: Path, family: tuple[Path, list[Path]]
+) -> None:
+    """A worker that set the publish marker and died before finishing: the next delivery
+    ends the job `succeeded` with the recorded result, without running or publishing."""
+    settings = _settings(tmp_path, family)
+    store = _store(settings)
+    job, _ = store.create_job("acme", _spec(family), "d", None)
+    assert store.claim(job.id, "dead", lease_seconds=60) is not None
+    recorded = {"uri": f"local://jobs/{job.id}/output", "files": [], "metrics": {"m": 1}}
+    assert store.record_publish(job.id, "dead", recorded)
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(JobRow)
+            .where(JobRow.id == job.id)
+            .values(lease_expires_at=now_utc() - timedelta(seconds=1))
+        )
+    events_before = len(store.get_job(job.id).events)  # type: ignore[union-attr]
+    assert execute_job(job.id, store, settings) == "succeeded"
+    final = store.get_job(job.id)
+    assert final is not None and final.status == "succeeded" and final.result is not None
+    assert final.result.metrics == {"m": 1}
+    assert not settings.job_output_dir(job.id).exists()  # no second merge, no second publish
+    assert [e.kind for e in final.events[events_before:]] == ["takeover"]
+
+
+def test_wall_time_limit_fails_the_job_naming_the_limit(
+    tmp_path: Path, family: tuple[Path, list[Path]]
+) -> None:
+    settings = _settings(tmp_path, family, job_wall_time_seconds=0)
+    store = _store(settings)
+    job, _ = store.create_job("acme", _spec(family), "d", None)
+    assert execute_job(job.id, store, settings) == "failed"
+    final = store.get_job(job.id)
+    assert final is not None and final.error is not None
+    assert final.error.code == "limit_exceeded"
+    assert "job_wall_time_seconds" in final.error.message
+    out = settings.job_output_dir(job.id)
+    assert not out.exists() and not list(out.parent.glob("output*"))
+
+
+class RequeuedMidMerge(JobStore):
+    """A real store where, once the merge has written `n` tensors, the job is requeued as a
+    reaper does when this worker's lease ran out (a long stall), and the worker's next
+    heartbeat is given time to notice."""
+
+    def __init__(self, url: str, n: int) -> None:
+        super().__init__(url)
+        self.n, self.done = n, False
+
+    def set_progress(
+        self, job_id: str, stage: str | None, done: int, total: int, unit: str
+    ) -> None:
+        super().set_progress(job_id, stage, done, total, unit)
+        if stage == "merge" and done >= self.n and not self.done:
+            self.done = True
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id)
+                    .values(lease_expires_at=now_utc() - timedelta(seconds=1))
+                )
+            assert self.requeue_expired(job_id, max_attempts=3)
+            time.sleep(0.5)  # > heartbeat_seconds: the heartbeat sees the job is not ours
+
+
+def test_worker_that_lost_its_lease_stops_and_leaves_the_job_alone(
+    tmp_path: Path, family: tuple[Path, list[Path]]
+) -> None:
+    settings = _settings(
+        tmp_path,
+        family,
+        heartbeat_seconds=0.05,
+        cancel_poll_seconds=0,
+        progress_interval_seconds=0,
+    )
+    store = RequeuedMidMerge(settings.resolved_database_url, n=2)
+    store.migrate()
+    job, _ = store.create_job("acme", _spec(family), "d", None)
+    assert execute_job(job.id, store, settings) is None
+    held = store.ownership(job.id)
+    assert held is not None and held.status == "queued" and held.published_at is None
+    final = store.get_job(job.id)
+    assert final is not None and final.result is None and final.error is None
+    # The requeued job then runs to the end on the next delivery.
+    assert execute_job(job.id, store, settings) == "succeeded"
+    assert store.ownership(job.id).attempts == 2  # type: ignore[union-attr]
+
+
+def test_one_log_line_per_stage_with_its_duration(
+    tmp_path: Path, family: tuple[Path, list[Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(tmp_path, family)
+    store = _store(settings)
+    job, _ = store.create_job("acme", _spec(family), "d", None)
+    with caplog.at_level(logging.INFO, logger="crucible.runner"):
+        assert execute_job(job.id, store, settings) == "succeeded"
+    lines = [r.getMessage() for r in caplog.records if " took " in r.getMessage()]
+    stages = [re.search(r"stage (\w+) took ([0-9.]+) s", line) for line in lines]
+    assert all(stages), lines
+    assert [m.group(1) for m in stages if m] == ["resolve", "merge", "publish"]

@@ -19,12 +19,14 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, make_url, text
+from sqlalchemy import create_engine, inspect, make_url, text, update
 
+from crucible.reaper import reap_once
+from crucible.settings import Settings
 from crucible.spec import Job
 from crucible.store import IdempotencyConflict, JobStore, alembic_config, head_revision
 from crucible.store.job_store import MIGRATIONS_DIR, encode_cursor
-from crucible.store.models import Base
+from crucible.store.models import Base, JobRow, now_utc
 from tests.support.postgres import throwaway_postgres_url
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -594,3 +596,142 @@ def test_database_never_holds_the_plaintext_key(store: JobStore, tmp_path: Path)
         raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
         for _, plaintext in keys:
             assert plaintext.split("_", 2)[2].encode() not in raw
+
+
+# -- leases, the reaper, the publish marker (issue 6) ------------------------------------------
+
+
+def expire_lease(store: JobStore, job_id: str) -> None:
+    """What the passing of time does to a lease nobody renews."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id)
+            .values(lease_expires_at=now_utc() - timedelta(seconds=5))
+        )
+
+
+def test_claim_takes_a_lease_that_only_its_owner_renews(store: JobStore) -> None:
+    job = new_job(store)
+    assert store.claim(job.id, "w1", lease_seconds=30) is not None
+    held = store.ownership(job.id)
+    assert held is not None and held.status == "running"
+    assert held.worker == "w1" and held.attempts == 1
+    assert_utc(held.heartbeat_at)
+    assert held.lease_expires_at is not None and held.heartbeat_at is not None
+    assert held.lease_expires_at - held.heartbeat_at == timedelta(seconds=30)
+
+    assert store.heartbeat(job.id, "w1", 120) is True
+    renewed = store.ownership(job.id)
+    assert renewed is not None and renewed.lease_expires_at is not None
+    assert renewed.lease_expires_at - held.lease_expires_at > timedelta(seconds=80)
+    # Another worker neither renews the lease nor records an outcome.
+    assert store.heartbeat(job.id, "w2", 600) is False
+    assert store.ownership(job.id) == renewed
+    error = {"code": "internal", "message": "x"}
+    assert store.finish(job.id, "failed", error=error, owner="w2") is False
+    assert store.get_job(job.id).status == "running"  # type: ignore[union-attr]
+    assert store.finish(job.id, "failed", error=error, owner="w1") is True
+    assert store.get_job(job.id).status == "failed"  # type: ignore[union-attr]
+    # A finished job has no lease to renew.
+    assert store.heartbeat(job.id, "w1", 60) is False
+
+
+def test_take_over_only_after_the_lease_expired_and_within_max_attempts(store: JobStore) -> None:
+    job = new_job(store)
+    first = store.claim(job.id, "w1", lease_seconds=60)
+    assert first is not None and first.started_at is not None
+    assert store.take_over(job.id, "w2", 60, max_attempts=3) is None  # live lease
+    expire_lease(store, job.id)
+    taken = store.take_over(job.id, "w2", 60, max_attempts=3)
+    assert taken is not None and taken.status == "running"
+    assert taken.started_at == first.started_at  # the job started when its first attempt did
+    held = store.ownership(job.id)
+    assert held is not None and held.worker == "w2" and held.attempts == 2
+    assert store.heartbeat(job.id, "w1", 60) is False  # the dead worker's lease is gone
+
+    expire_lease(store, job.id)
+    assert store.take_over(job.id, "w3", 60, max_attempts=2) is None  # attempts spent
+    assert store.fail_expired(job.id, max_attempts=3) is False  # one attempt left under 3
+    assert store.fail_expired(job.id, max_attempts=2) is True
+    assert store.fail_expired(job.id, max_attempts=2) is False  # once
+    final = store.get_job(job.id)
+    assert final is not None and final.status == "failed" and final.error is not None
+    assert final.error.code == "worker_lost" and "2 attempt" in final.error.message
+    assert_utc(final.finished_at)
+
+
+def test_take_over_race_has_one_winner(store: JobStore) -> None:
+    job = new_job(store)
+    store.claim(job.id, "w0", lease_seconds=60)
+    expire_lease(store, job.id)
+    results = race(8, lambda i: store.take_over(job.id, f"w{i + 1}", 60, max_attempts=5))
+    winners = [i for i, r in enumerate(results) if r is not None]
+    assert len(winners) == 1
+    held = store.ownership(job.id)
+    assert held is not None and held.worker == f"w{winners[0] + 1}" and held.attempts == 2
+
+
+def test_concurrent_reapers_requeue_each_expired_job_once(store: JobStore, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "settings", max_attempts=3)
+    live, lost, spent = new_job(store, n=1), new_job(store, n=2), new_job(store, n=3)
+    for job in (live, lost, spent):
+        store.claim(job.id, "w1", lease_seconds=60)
+    with store.engine.begin() as conn:
+        conn.execute(update(JobRow).where(JobRow.id == spent.id).values(attempts=3))
+    expire_lease(store, lost.id)
+    expire_lease(store, spent.id)
+    sent: list[str] = []
+    results = race(4, lambda i: reap_once(store, settings, sent.append))
+
+    assert sent == [lost.id], "exactly one reaper sends the task again"
+    assert sorted(j for r in results for j in r.requeued) == [lost.id]
+    assert sorted(j for r in results for j in r.failed) == [spent.id]
+    requeued = store.ownership(lost.id)
+    assert requeued is not None and requeued.status == "queued" and requeued.worker is None
+    failed = store.get_job(spent.id)
+    assert failed is not None and failed.status == "failed"
+    assert failed.error is not None and failed.error.code == "worker_lost"
+    untouched = store.ownership(live.id)
+    assert untouched is not None and untouched.status == "running" and untouched.worker == "w1"
+    assert any(e.kind == "requeued" for e in store.get_job(lost.id).events)  # type: ignore[union-attr]
+    # The requeued job is claimed like a new one: a second attempt.
+    assert store.claim(lost.id, "w2", lease_seconds=60) is not None
+    assert store.ownership(lost.id).attempts == 2  # type: ignore[union-attr]
+    assert reap_once(store, settings, sent.append).requeued == []
+
+
+def test_reaper_keeps_a_job_it_could_not_send(store: JobStore, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "settings", max_attempts=3)
+    job = new_job(store)
+    store.claim(job.id, "w1", lease_seconds=60)
+    expire_lease(store, job.id)
+
+    def broker_down(job_id: str) -> None:
+        raise ConnectionError("broker down")
+
+    result = reap_once(store, settings, broker_down)
+    assert result.unsent == [job.id] and result.requeued == []
+    held = store.ownership(job.id)
+    assert held is not None and held.status == "running"  # expired: the next pass retries
+    sent: list[str] = []
+    assert reap_once(store, settings, sent.append).requeued == [job.id] == sent
+
+
+def test_publish_marker_is_set_once(store: JobStore) -> None:
+    job = new_job(store)
+    store.claim(job.id, "w1", lease_seconds=60)
+    result = {"uri": f"local://jobs/{job.id}/output", "files": [], "metrics": {"x": 1}}
+    outcomes = race(6, lambda i: store.record_publish(job.id, "w1", result))
+    assert outcomes.count(True) == 1
+    held = store.ownership(job.id)
+    assert held is not None and held.status == "running"
+    assert_utc(held.published_at)
+    assert held.result is not None and held.result["uri"] == result["uri"]
+    assert held.result["metrics"] == {"x": 1}
+    # Not by another worker, not again after a take-over.
+    assert store.record_publish(job.id, "w2", result) is False
+    expire_lease(store, job.id)
+    assert store.take_over(job.id, "w2", 60, max_attempts=3) is not None
+    assert store.record_publish(job.id, "w2", result) is False
+    assert store.ownership(job.id).published_at == held.published_at  # type: ignore[union-attr]
