@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -91,6 +91,16 @@ class Settings(BaseSettings):
     # s3://bucket/prefix: datasets, Gram caches and job outputs live there durably; the local
     # artifact folder is then a working cache (a worker on another machine fetches from S3).
     artifacts_uri: str | None = Field(default=None, description="s3://bucket/prefix or unset.")
+
+    @field_validator("artifacts_uri")
+    @classmethod
+    def _artifacts_uri_is_s3(cls, v: str | None) -> str | None:
+        # A typo here must stop the process at start, not fail the first upload.
+        if v:
+            from crucible.s3 import check_location
+
+            check_location(v)
+        return v or None
 
     @cached_property
     def data_root(self) -> Path:

@@ -186,3 +186,30 @@ def test_missing_or_wrong_token_fails_clearly(
         assert "HTTP 401" in err.value.message
         assert token not in json.dumps(err.value.as_dict())
     assert "crucible-test/denied" not in hub.repos
+
+
+def test_publish_output_dispatches_hf_with_the_specs_privacy(
+    hub: FakeHub, merged: tuple[Path, MergeOutcome], tmp_path: Path
+) -> None:
+    """The runner's one call: hf:// goes to the Hub sink with the job's token and the
+    spec's output.private."""
+    from crucible.publish.sinks import publish_output
+
+    out, outcome = merged
+    spec = MergeSpec.model_validate(
+        {
+            "base": {"uri": "hf://crucible-test/base"},
+            "experts": [{"uri": "hf://crucible-test/expert"}],
+            "method": {"name": "linear"},
+            "output": {"uri": "hf://crucible-test/via-runner", "private": False},
+        }
+    )
+    uri = publish_output(
+        out, spec, "job_h5", _settings(tmp_path), Events(), hub_token=TOKEN, files=outcome.files
+    )
+    assert uri == "hf://crucible-test/via-runner"
+    repo = hub.repos["crucible-test/via-runner"]
+    assert repo.private is False and len(repo.commits) == 1
+    assert {p: hashlib.sha256(d).hexdigest() for p, d in repo.files.items()} == {
+        f["path"]: f["sha256"] for f in outcome.files
+    }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,3 +241,47 @@ def test_credentials_come_from_settings(server: S3Server, tmp_path: Path) -> Non
     assert "wrong-secret-value" not in json.dumps(err.value.as_dict())
     assert "wrong-secret-value" not in repr(settings)
     assert not server.keys(BUCKET, "denied/")
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://ab/x", "expected s3://bucket/prefix"),
+        ("s3://Bucket/x", "expected s3://bucket/prefix"),
+        ("s3://my..bucket/x", "no adjacent dots"),
+        ("s3://192.168.1.2/x", "not an IP"),
+        ("s3://xn--bucket/x", "reserves"),
+        ("s3://bucket/a//b", "segments are not allowed"),
+        ("s3://bucket/a/../b", "segments are not allowed"),
+        ("hf://name-only", "hf://org/name"),
+        ("hf://org/bad name", "malformed Hub URI"),
+        ("file:///tmp/out", "is not an output"),
+    ],
+)
+def test_output_uri_validation(uri: str, message: str) -> None:
+    from pydantic import ValidationError
+
+    from crucible.spec import OutputSpec
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        OutputSpec(uri=uri)
+
+
+def test_output_uris_accepted() -> None:
+    from crucible.spec import OutputSpec
+
+    assert (
+        OutputSpec(uri="s3://my-bucket.v2/models/merged").uri == "s3://my-bucket.v2/models/merged"
+    )
+    assert OutputSpec(uri="hf://org/merged-7b").private is True
+    assert OutputSpec(uri="local://").uri == "local://"
+
+
+def test_artifacts_uri_setting_is_checked() -> None:
+    from pydantic import ValidationError
+
+    assert (
+        Settings(artifacts_uri="s3://artifacts/crucible").artifacts_uri == "s3://artifacts/crucible"
+    )
+    with pytest.raises(ValidationError, match="not an s3://bucket/prefix URI"):
+        Settings(artifacts_uri="file:///srv/artifacts")
