@@ -24,11 +24,11 @@ from crucible.report import REPORT_FILE, MergeReport
 from crucible.settings import Settings
 from crucible.sources.align import align_names
 from crucible.sources.compat import check_compatible
-from crucible.sources.resolve import ResolvedModel, resolve_model
+from crucible.sources.resolve import ResolvedModel, input_bytes, resolve_model
 from crucible.spec import MergeSpec
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from crucible.datasets.storage import DatasetHandle
 
@@ -62,6 +62,7 @@ def run_merge_job(
     reporter: Reporter,
     datasets: Mapping[str, DatasetHandle | None] | None = None,
     hub_token: str | None = None,
+    admit_inputs: Callable[[int], None] | None = None,
 ) -> MergeOutcome:
     """Run the whole merge; the output appears at `output_dir` only when complete.
 
@@ -69,6 +70,8 @@ def run_merge_job(
     caller's tenant does not have), looked up by the caller (the runner, in the job store).
     `hub_token`: the request's Hub token, decrypted by the caller (crucible.secrets); the
     spec itself only holds "***" in its place.
+    `admit_inputs`: called with the job's input bytes once its models are resolved; it
+    raises to refuse the job (the runner's per-tenant limit, crucible.tenant_limits).
     """
     # A restarted job starts the merge cleanly: staging folders an earlier attempt left are
     # removed. Each attempt stages under its own name, so an attempt that lost its lease and
@@ -82,6 +85,8 @@ def run_merge_job(
         device = compute_device(settings.device)
         found = _datasets(spec, datasets or {})
         merge_inputs, inputs = _resolve(spec, settings, reporter, hub_token)
+        if admit_inputs is not None:
+            admit_inputs(input_bytes([merge_inputs.base, *merge_inputs.experts]))
         reporter.check_cancelled()
         if spec.needs_grams():
             from crucible.stats.stage import compute_statistics

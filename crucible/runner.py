@@ -31,6 +31,7 @@ from crucible.secrets import load_job_secrets
 from crucible.settings import Settings
 from crucible.spec import Job, MergeSpec
 from crucible.store import JobStore
+from crucible.tenant_limits import admit_input_bytes
 from crucible.webhooks import deliver
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,13 @@ def _run(
         # The request's secrets, decrypted here only (the stored spec holds "***").
         secrets = load_job_secrets(store, job_id, settings)
         outcome = run_merge_job(
-            spec, output_dir, settings, reporter, datasets, hub_token=secrets.hub_token
+            spec,
+            output_dir,
+            settings,
+            reporter,
+            datasets,
+            hub_token=secrets.hub_token,
+            admit_inputs=lambda n: admit_input_bytes(store, job_id, n, settings),
         )
         lease.check()
         uri = publish_output(

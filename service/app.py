@@ -13,6 +13,7 @@ from crucible.secrets import check_secrets_key
 from crucible.settings import Settings, get_settings
 from crucible.store import JobStore
 from service.errors import install_error_handlers
+from service.limits import RequestSizeLimit
 from service.metrics import install_metrics
 from service.request_id import RequestIdMiddleware
 from service.routes import datasets, events, merges, meta
@@ -43,6 +44,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(meta.router)
     app.include_router(events.router)
     install_metrics(app)
+    # JSON bodies over max_request_bytes are a 413 (Content-Length and streamed bytes); the
+    # dataset upload streams to disk under its own, larger limit.
+    app.add_middleware(
+        RequestSizeLimit,
+        max_bytes=settings.max_request_bytes,
+        exempt=frozenset({("POST", "/v1/datasets")}),
+    )
     # Added last, so outermost: every other middleware and handler logs with the id.
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -95,12 +95,20 @@ class ResolvedModel:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def input_bytes(models: list[ResolvedModel]) -> int:
+    """Bytes of weights a job reads: each stored tensor once (an adapter expert lists the
+    base's tensors as its own; they are the same bytes)."""
+    spans = {(t.file, t.start, t.end) for m in models for t in m.tensors.values()}
+    return sum(end - start for _, start, end in spans)
+
+
 def resolve_model(
     ref: ModelRef,
     settings: Settings,
     base: ResolvedModel | None = None,
     allow_base_mismatch: bool = False,
     on_event: EventSink | None = None,
+    token: str | None = None,
 ) -> ResolvedModel:
     """Pin, fetch (Hub) or locate (file://) a model and read its safetensors headers.
 
@@ -108,6 +116,7 @@ def resolve_model(
     adapter has its config checked (a plain LoRA, trained on this base) before any of its
     weights are downloaded, then its tensors are mapped onto the base's.
     `on_event`: the job's `Reporter.event`; each retried Hub call is reported there.
+    `token`: the request's Hub token (crucible.secrets), else the worker's HF_TOKEN.
     """
     try:
         parsed = parse_uri(ref.uri)
@@ -127,7 +136,9 @@ def resolve_model(
         checked["warning"] = check_adapter_base(config, ref.uri, base.uri, allow_base_mismatch)
 
     if parsed.scheme == "hf":
-        root, commit = _fetch_hub(parsed.target, ref.revision, check_adapter, settings, on_event)
+        root, commit = _fetch_hub(
+            parsed.target, ref.revision, check_adapter, settings, on_event, token
+        )
     elif parsed.scheme == "file":
         root = _check_local(parsed.path, settings, ref.uri)
         _check_files_inside(root, settings, ref.uri)
@@ -362,6 +373,7 @@ def _fetch_hub(
     check_adapter: Callable[[Path], None],
     settings: Settings,
     on_event: EventSink | None,
+    token: str | None = None,
 ) -> tuple[Path, str]:
     """Download a repo's weights and support files at one pinned commit. An adapter repo's
     config is fetched alone first and given to `check_adapter`, which may refuse it before
@@ -370,7 +382,8 @@ def _fetch_hub(
 
     # Same reason as the cache: pass endpoint and token explicitly, read at call time.
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    token = os.environ.get("HF_TOKEN") or None  # never logged, never put in messages
+    # The request's token, else the worker's; never logged, never put in messages.
+    token = token or os.environ.get("HF_TOKEN") or None
     api = HfApi(endpoint=endpoint, token=token)
 
     info = _hub_call(

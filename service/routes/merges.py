@@ -25,6 +25,7 @@ from crucible.webhook_url import resolve_target
 from crucible.webhooks import enqueue_delivery, has_webhook
 from service.auth import Tenant
 from service.errors import ApiError
+from service.limits import check_job_slots, over_job_slots, too_many_jobs
 from service.storable import UNSTORABLE_MESSAGE, PathId, first_unstorable
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ def _check_limits_and_paths(spec: MergeSpec, settings: Settings) -> None:
         raise ApiError(
             422,
             "limit_exceeded",
-            f"experts: at most {settings.max_experts} experts per job (got {len(spec.experts)})",
-            {"field": "experts", "limit": settings.max_experts},
+            f"experts: at most {settings.max_experts} experts per job (got {len(spec.experts)}; "
+            "CRUCIBLE_MAX_EXPERTS)",
+            {"field": "experts", "limit": settings.max_experts, "setting": "max_experts"},
         )
     caps = []
     if spec.needs_grams():  # the statistics section has defaults; it counts when used
@@ -152,6 +154,8 @@ def _check_datasets(spec: MergeSpec, store: JobStore, tenant: str) -> None:
         400: {"description": "The body is not JSON"},
         404: {"description": "A referenced dataset is not this tenant's (dataset_not_found)"},
         409: {},
+        413: {"description": "The body is over max_request_bytes (request_too_large)"},
+        429: {"description": "The tenant's concurrent-job limit is reached (too_many_jobs)"},
         503: {},
     },
 )
@@ -169,6 +173,8 @@ def submit_merge(
     _check_storable(spec)
     secrets = _check_secrets_and_webhook(spec, settings)
     _check_datasets(spec, store, tenant)
+    slots = settings.max_concurrent_jobs_per_tenant
+    check_job_slots(store, tenant, slots, idempotency_key)
     # The stored spec and its digest hold "***" where a secret was (WriteOnlySecret), so an
     # Idempotency-Key retry with another token returns the existing job and its secrets.
     ciphertext = encrypt_secrets(secrets, settings)
@@ -187,6 +193,11 @@ def submit_merge(
     if not created:
         response.status_code = 200
         return job
+    active = over_job_slots(store, tenant, slots)
+    if active is not None:  # a concurrent submit took the last slot first
+        refused = too_many_jobs(slots, active)
+        store.finish(job.id, "failed", error={"code": refused.code, "message": refused.message})
+        raise refused
     if ciphertext is not None:
         store.set_job_secrets(job.id, ciphertext)
     try:
