@@ -316,6 +316,9 @@ def submit(
     stage, progress, ETA and best trial live and prints the result URI. Exit status: 0
     succeeded (or queued, without --wait), 1 failed or cancelled, 2 refused by the server
     or unreadable spec, 124 timed out."""
+    import httpx
+    from rich.markup import escape
+
     from crucible.client import ApiError, CrucibleClient, WaitTimeout
     from crucible.watch import JobView
 
@@ -323,10 +326,13 @@ def submit(
         try:
             job = client.submit(spec_file, idempotency_key=idempotency_key)
         except (OSError, ValueError, yaml.YAMLError) as exc:
-            console.print(f"[red]cannot read {spec_file}: {exc}[/]")
+            console.print(f"[red]cannot read {spec_file}: {escape(str(exc))}[/]")
             raise typer.Exit(2) from None
         except ApiError as exc:
-            console.print(f"[red]refused: {exc.code}: {exc.message}[/]")
+            console.print(f"[red]refused: {exc.code}: {escape(exc.message)}[/]")
+            raise typer.Exit(2) from None
+        except httpx.TransportError as exc:
+            console.print(f"[red]cannot reach {url}: {type(exc).__name__}[/]")
             raise typer.Exit(2) from None
         console.print(f"job {job.id} {job.status}")
         if not wait:
@@ -341,7 +347,7 @@ def submit(
     if job.status != "succeeded" or job.result is None:
         error = job.error
         code, message = (error.code, error.message) if error else (job.status, "no error recorded")
-        console.print(f"[red]job {job.id} {job.status}: {code}: {message}[/]")
+        console.print(f"[red]job {job.id} {job.status}: {code}: {escape(message)}[/]")
         raise typer.Exit(1)
     console.print(f"[green]job {job.id} succeeded[/]")
     typer.echo(job.result.uri)
@@ -355,14 +361,20 @@ def download(
     api_key: Annotated[str | None, _KEY] = None,
 ) -> None:
     """Download every output file of a job, each checked against its recorded sha256."""
+    import httpx
+    from rich.markup import escape
+
     from crucible.client import ApiError, ChecksumMismatch, CrucibleClient, JobNotSucceeded
 
     with CrucibleClient(url, api_key) as client:
         try:
             paths = client.download(job_id, dest)
-        except (ApiError, JobNotSucceeded, ChecksumMismatch) as exc:
-            console.print(f"[red]{exc}[/]")
+        except (ApiError, JobNotSucceeded, ChecksumMismatch, ValueError) as exc:
+            console.print(f"[red]{escape(str(exc))}[/]")
             raise typer.Exit(1) from None
+        except httpx.TransportError as exc:
+            console.print(f"[red]cannot reach {url}: {type(exc).__name__}[/]")
+            raise typer.Exit(2) from None
     for path in paths:
         typer.echo(str(path))
 

@@ -115,12 +115,15 @@ def raise_for_error(response: httpx.Response) -> None:
     code, message, detail = "http_error", response.reason_phrase or "error", None
     try:
         body = response.json()
-        error = body.get("error", {}) if isinstance(body, dict) else {}
+    except (ValueError, UnicodeDecodeError):
+        body = None  # not our API's answer (a proxy's page): keep the HTTP status's words
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
         code = str(error.get("code", code))
         message = str(error.get("message", message))
         detail = error.get("detail")
-    except (ValueError, UnicodeDecodeError):
-        pass
+    elif isinstance(error, str):
+        message = error
     status = response.status_code
     cls = _BY_STATUS.get(status) or (Unavailable if status >= 500 or status == 429 else None)
     cls = cls or InvalidRequest

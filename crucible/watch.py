@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -91,7 +92,7 @@ class JobView:
                 if not self.live:
                     self._say(f"  {describe_trial(data)}")
         elif event.event == "event" and data.get("kind") in ("error", "warning"):
-            self._say(f"  {data.get('kind')}: {data.get('message')}")
+            self._say(f"  {data.get('kind')}: {escape(str(data.get('message')))}")
         elif event.event == "status" and data.get("status") == "running" and self.stage is None:
             self.progress.update(self.task, description="running")
 

@@ -3,8 +3,9 @@
 The API polls the job store (job row, events and trials tables); it never talks to the
 worker or to a result backend, so any replica can serve any job's stream. Messages:
 
-- `status`: the job (as `GET /v1/merges/{id}`, without `events`) when the stream opens,
-  when its status changes, and last, on the terminal status; then the stream ends.
+- `status`: the job (as `GET /v1/merges/{id}`, without `events`) first when the stream
+  opens on an unfinished job, when its status changes, and last, on the terminal status
+  (after every row and the final progress); then the stream ends.
 - `stage`: a stage started (`{seq, at, stage, message}`).
 - `progress`: `{stage, done, total, unit}` whenever it changed since the last poll.
 - `trial`: a tuning trial as `GET /v1/merges/{id}/trials` lists it, plus `seq` and `at`.
@@ -38,6 +39,7 @@ from crucible.store.events import EventRecord, TrialRecord
 from crucible.store.job_metrics import stage_of
 from service.auth import Tenant
 from service.errors import ApiError
+from service.storable import PathId
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
@@ -152,6 +154,14 @@ async def job_event_stream(
         state = await run_in_threadpool(store.job_state, job_id)
         if state is None:
             return
+        terminal = state.status in TERMINAL_STATUSES
+        if state.status != last_status and not terminal:
+            # First, so a stream always opens with the job as it is.
+            doc = await run_in_threadpool(_job_doc, store, job_id)
+            if doc is not None:
+                yield sse_message("status", doc, str(cursor))
+                last_sent = time.monotonic()
+            last_status = state.status
         events = await run_in_threadpool(store.events_after, job_id, cursor.events, batch)
         trials = await run_in_threadpool(store.trials_after, job_id, cursor.trials, batch)
         for row in _in_order(events, trials, batch):
@@ -165,13 +175,6 @@ async def job_event_stream(
             last_sent = time.monotonic()
         if len(events) >= batch or len(trials) >= batch:
             continue  # more rows are waiting; the state is sent once they are all out
-        terminal = state.status in TERMINAL_STATUSES
-        if state.status != last_status and not terminal:
-            doc = await run_in_threadpool(_job_doc, store, job_id)
-            if doc is not None:
-                yield sse_message("status", doc, str(cursor))
-                last_sent = time.monotonic()
-            last_status = state.status
         progress = (state.stage, state.progress.done, state.progress.total, state.progress.unit)
         if progress != last_progress:
             stage, done, total, unit = progress
@@ -196,7 +199,20 @@ async def job_event_stream(
     responses={
         200: {
             "description": "Server-sent events until the job's terminal status.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            # The schema of a text/event-stream is that of each event, not of the body.
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["event", "data"],
+                        "properties": {
+                            "event": {"enum": ["status", "stage", "progress", "trial", "event"]},
+                            "data": {"type": "string", "description": "A JSON document"},
+                            "id": {"type": "string", "description": "<event id>-<trial id>"},
+                        },
+                    }
+                }
+            },
         },
         401: {"description": "Missing or invalid API key"},
         404: {"description": "No such job for this tenant"},
@@ -204,7 +220,7 @@ async def job_event_stream(
     },
 )
 async def stream_merge_events(
-    job_id: str,
+    job_id: PathId,
     request: Request,
     tenant: Tenant,
     last_event_id: Annotated[

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from crucible.cli import worker_argv
+from tests.support.postgres import throwaway_postgres_url
+from tests.support.redis_server import private_redis
 from tests.support.stack import Stack
 from tests.support.tiny_models import make_bert_classifier_family, tiny_texts
 
@@ -61,6 +67,48 @@ class World:
         spec = self.plain_spec()
         spec["experts"][1]["uri"] = (self.models / "no-such-expert").as_uri()
         return spec
+
+
+class ServeStack(Stack):
+    """The API started the way operators start it, `crucible serve` (JSON logs through
+    crucible.logs), instead of bare uvicorn; the worker as `Stack` starts it."""
+
+    def start(self) -> Stack:
+        self.crucible("keys", "list")  # migrates the database before two processes start
+        serve = [sys.executable, "-m", "crucible.cli", "serve", "--port", str(self.port)]
+        self._spawn("api", serve)
+        self._spawn("worker", worker_argv(concurrency=1, pool="prefork", loglevel="info"))
+        self.wait_ready()
+        return self
+
+    def log_text(self, name: str) -> str:
+        return (self.logdir / f"{name}.log").read_text()
+
+
+@contextmanager
+def watch_stack(
+    work: Path, models: Path, extra_env: dict[str, str] | None = None, tenant: str = "acme"
+) -> Iterator[tuple[ServeStack, World]]:
+    """`crucible serve` + a Celery worker on a throwaway PostgreSQL database and a private
+    Redis (file:// sources under `models`, Hub offline, `extra_env` on top), and the world
+    of tiny models and datasets uploaded as `tenant`."""
+    env = {
+        "CRUCIBLE_DATA_DIR": str(work / "data"),
+        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(models)]),
+        "HF_HUB_OFFLINE": "1",
+        **(extra_env or {}),
+    }
+    with throwaway_postgres_url() as db_url, private_redis(work / "redis") as redis_url:
+        env["CRUCIBLE_DATABASE_URL"] = db_url
+        env["CRUCIBLE_BROKER_URL"] = redis_url
+        stack = ServeStack(env, work / "logs")
+        stack.start()
+        try:
+            key = stack.crucible("keys", "create", "--tenant", tenant).strip()
+            with stack.client(key) as client:
+                yield stack, make_world(stack, client, key, models)
+        finally:
+            stack.stop()
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
