@@ -270,7 +270,9 @@ def _run(
     try:
         spec = MergeSpec.model_validate(job.spec)
         tenant = store_call(settings, "read tenant", store.tenant_of, job_id)
-        datasets = {d: store.get_dataset(tenant, d) for d in spec.dataset_ids()}
+        # fetch_dataset: a blob uploaded through an API on another machine comes from the
+        # remote artifact store (CRUCIBLE_ARTIFACTS_URI) into this worker's folder.
+        datasets = {d: store.fetch_dataset(tenant, d) for d in spec.dataset_ids()}
         # The request's secrets, decrypted here only (the stored spec holds "***").
         secrets = load_job_secrets(store, job_id, settings)
         outcome = run_merge_job(
@@ -284,7 +286,13 @@ def _run(
         )
         lease.check()
         uri = publish_output(
-            outcome.output_dir, spec, job_id, settings, reporter, hub_token=secrets.hub_token
+            outcome.output_dir,
+            spec,
+            job_id,
+            settings,
+            reporter,
+            hub_token=secrets.hub_token,
+            files=outcome.files,
         )
         result = {
             "uri": uri,
