@@ -191,7 +191,7 @@ def merge(
     datasets = {}
     if spec.dataset_ids():
         store = _store(settings)
-        datasets = {d: store.get_dataset(tenant, d) for d in spec.dataset_ids()}
+        datasets = {d: store.fetch_dataset(tenant, d) for d in spec.dataset_ids()}
     try:
         # A hub_token in the spec file is used for its hf:// sources (never printed).
         token = JobSecrets.from_spec(spec).hub_token
