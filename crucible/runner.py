@@ -304,6 +304,7 @@ def _run(
         if not store_call(settings, "record publish", store.record_publish, job_id, owner, result):
             raise LeaseLost(job_id)
     except BaseException as exc:
+        reporter.end_stage()
         if isinstance(exc, LeaseLost) or lease.lost:
             # Another attempt owns the job now; its files are not ours to remove.
             log.warning("job %s: stopped, the lease was lost (%s)", job_id, exc)
@@ -312,6 +313,7 @@ def _run(
             raise  # KeyboardInterrupt/SystemExit: the lease runs out, a reaper requeues
         remove_output(output_dir)
         return _failed(store, job_id, owner, settings, exc)
+    reporter.end_stage()
     return _finish(store, job_id, owner, settings, "succeeded", result=result)
 
 

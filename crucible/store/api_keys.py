@@ -90,6 +90,33 @@ class ApiKeyMixin:
             ).scalar_one_or_none()
         return found is not None
 
+    def rotate_api_key(self, key_id: str) -> tuple[str, str] | None:
+        """A new key for the same tenant and label, and the old one revoked, in one
+        transaction: (new key_id, plaintext), or None when the key is unknown or revoked."""
+        key_id_new = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        with self._tx(write=True) as session:
+            revoked = session.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))
+                .values(revoked_at=now_utc())
+                .returning(ApiKeyRow.tenant, ApiKeyRow.label)
+                .execution_options(synchronize_session=False)
+            ).one_or_none()
+            if revoked is None:
+                return None
+            session.add(
+                ApiKeyRow(
+                    id=key_id_new,
+                    tenant=revoked.tenant,
+                    label=revoked.label,
+                    secret_sha256=_digest(secret),
+                    created_at=now_utc(),
+                    revoked_at=None,
+                )
+            )
+        return key_id_new, f"{KEY_PREFIX}{key_id_new}_{secret}"
+
     def list_api_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """id, tenant, label, created_at, revoked_at of each key (oldest first); no hashes."""
         query = select(

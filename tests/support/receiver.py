@@ -24,7 +24,13 @@ class Delivery:
 
 
 class WebhookReceiver:
-    def __init__(self, statuses: list[int] | None = None, redirect_to: str | None = None) -> None:
+    def __init__(
+        self,
+        statuses: list[int] | None = None,
+        redirect_to: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.host = host  # any 127.x address listens on Linux loopback
         self.statuses = list(statuses or [200])
         self.redirect_to = redirect_to
         self.deliveries: list[Delivery] = []
@@ -35,7 +41,7 @@ class WebhookReceiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"http://{self.host}:{self.port}/hook"
 
     def _next_status(self) -> int:
         with self._lock:
@@ -64,7 +70,7 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: object) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
