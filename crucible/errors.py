@@ -20,7 +20,9 @@ class CrucibleError(Exception):
       limit_exceeded, nothing_to_tune, tuning_failed, unsupported_adapter, corrupt_adapter,
       adapter_base_mismatch, lora_output_needs_adapters, cancelled, internal,
       worker_lost (lease expired max_attempts times), disk_full (ENOSPC/EDQUOT/EFBIG),
-      unsafe_checkpoint (a pickle weights_only refuses), corrupt_checkpoint.
+      unsafe_checkpoint (a pickle weights_only refuses), corrupt_checkpoint,
+      secrets_unreadable (the job's secrets do not decrypt with this CRUCIBLE_SECRETS_KEY),
+      webhook_url_forbidden (the SSRF policy refuses a webhook URL; 422 at submit).
     """
 
     def __init__(self, code: str, message: str, detail: Any = None) -> None:
