@@ -8,16 +8,23 @@ checked address, then to another): no real DNS server can be scripted here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+import ssl
 import stat
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 
 from crucible.errors import CrucibleError
@@ -33,7 +40,7 @@ from crucible.settings import Settings
 from crucible.spec import MergeSpec
 from crucible.store import JobStore
 from crucible.webhook_url import resolve_target
-from crucible.webhooks import deliver
+from crucible.webhooks import _post, deliver
 from service.app import create_app
 from tests.support.receiver import WebhookReceiver
 
@@ -437,3 +444,63 @@ def test_cancel_of_a_queued_job_sends_the_webhook_task(api: TestClient) -> None:
         ("crucible.run_merge", [job_id]),
         ("crucible.deliver_webhook", [job_id]),
     ]
+
+
+# ----------------------------------------------------------------------------- HTTPS
+
+
+def _tls_pair(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A self-signed certificate for `name`: (server context, client context trusting it)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cafile=str(cert_file))
+    return server, client
+
+
+def test_https_connects_to_the_checked_address_with_the_urls_name(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """TLS to the pinned address: SNI and certificate checks use the URL's host name."""
+    server_ctx, client_ctx = _tls_pair(tmp_path, "hooks.test")
+    settings = _settings(tmp_path, webhook_allowed_hosts=["hooks.test", "other.test"])
+    post = functools.partial(_post, verify=client_ctx)
+    with WebhookReceiver([200], tls=server_ctx) as hook:
+        job_id = _finished_job(store, settings, f"https://hooks.test:{hook.port}/in")
+        ok = deliver(store, job_id, settings, resolver=lambda h, p: ["127.0.0.1"], post=post)
+        assert ok is True
+        (got,) = hook.deliveries
+        _verify(got.headers, got.body)
+        assert got.headers["Host"] == f"hooks.test:{hook.port}"
+        assert hook.sni_names == ["hooks.test"]
+        # Same address, another name: the certificate does not match, nothing is sent.
+        other = _finished_job(store, settings, f"https://other.test:{hook.port}/in")
+        ok = deliver(store, other, settings, resolver=lambda h, p: ["127.0.0.1"], post=post)
+        assert ok is False
+        assert len(hook.deliveries) == 1
+    job = store.get_job(other)
+    assert job is not None and job.deliveries[0].error
+    assert "ConnectError" in job.deliveries[0].error

@@ -7,6 +7,7 @@ answer with a redirect (`redirect_to`).
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,8 +30,11 @@ class WebhookReceiver:
         statuses: list[int] | None = None,
         redirect_to: str | None = None,
         host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host  # any 127.x address listens on Linux loopback
+        self.tls = tls  # a server-side context: HTTPS, recording the SNI names clients send
+        self.sni_names: list[str | None] = []
         self.statuses = list(statuses or [200])
         self.redirect_to = redirect_to
         self.deliveries: list[Delivery] = []
@@ -41,7 +45,8 @@ class WebhookReceiver:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/hook"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}/hook"
 
     def _next_status(self) -> int:
         with self._lock:
@@ -72,6 +77,13 @@ class WebhookReceiver:
 
         self._server = ThreadingHTTPServer((self.host, 0), Handler)
         self.port = int(self._server.server_address[1])
+        if self.tls is not None:
+
+            def record_sni(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+                self.sni_names.append(name)
+
+            self.tls.sni_callback = record_sni  # type: ignore[assignment]
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
