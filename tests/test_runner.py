@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,16 @@ import yaml
 from safetensors.numpy import load_file as load_numpy
 from sqlalchemy import update
 
+from crucible.datasets.storage import DatasetHandle
+from crucible.errors import JobCancelled
+from crucible.pipeline import run_merge_job
 from crucible.runner import execute_job
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
 from crucible.store import JobStore
 from crucible.store.models import JobRow, now_utc
 from tests.support.reporters import QuietReporter
-from tests.support.tiny_models import make_gpt2_family
+from tests.support.tiny_models import make_bert_classifier_family, make_gpt2_family, tiny_texts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -390,3 +393,67 @@ def test_one_log_line_per_stage_with_its_duration(
     stages = [re.search(r"stage (\w+) took ([0-9.]+) s", line) for line in lines]
     assert all(stages), lines
     assert [m.group(1) for m in stages if m] == ["resolve", "merge", "publish"]
+
+
+class CancelAfterTrials(QuietReporter):
+    """Requests cancellation once `n` tuning trials are recorded (as POST /cancel would)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.trials, self.stages = n, 0, []  # type: ignore[var-annotated]
+
+    def stage(self, name: str) -> None:
+        self.stages.append(name)
+
+    def trial(self, index: int, data: dict[str, Any]) -> None:
+        self.trials += 1
+
+    def check_cancelled(self) -> None:
+        if self.trials >= self.n:
+            raise JobCancelled("cancelled while tuning")
+
+
+def test_cancel_during_tuning_stops_at_the_next_trial_and_leaves_no_output(
+    tmp_path: Path,
+) -> None:
+    labels = [["pos", "neg"], ["x", "y", "z"]]
+    base, experts = make_bert_classifier_family(tmp_path / "models", labels, seed=5)
+    datasets: dict[str, DatasetHandle] = {}
+    for i, names in enumerate(labels):
+        rows = [
+            {"text": t, "label": names[j % len(names)]} for j, t in enumerate(tiny_texts(30, i))
+        ]
+        path = tmp_path / f"d{i}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        handle = DatasetHandle(
+            id=f"ds_cancel{i}0000000",
+            tenant="t",
+            name=f"d{i}",
+            sha256="0" * 64,
+            path=path,
+            format="jsonl",
+            schema="classification",
+            rows=len(rows),
+            labels=sorted(names),
+            bytes=path.stat().st_size,
+            created_at=datetime.now(UTC),
+        )
+        datasets[handle.id] = handle
+    spec = MergeSpec.model_validate(
+        {
+            "base": {"uri": base.as_uri()},
+            "experts": [{"uri": e.as_uri(), "name": f"e{i}"} for i, e in enumerate(experts)],
+            "method": {"name": "task_arithmetic", "params": {"scale": 0.4}},
+            "tuning": {
+                "dataset": {f"e{i}": d for i, d in enumerate(datasets)},
+                "trials": 12,
+                "init_trials": 4,
+            },
+        }
+    )
+    settings = Settings(data_dir=tmp_path / "data", allowed_local_dirs=[tmp_path / "models"])
+    reporter = CancelAfterTrials(2)
+    out = tmp_path / "out"
+    with pytest.raises(JobCancelled):
+        run_merge_job(spec, out, settings, reporter, datasets)
+    assert reporter.stages[-1] == "tune" and reporter.trials == 2  # not one trial more
+    assert not out.exists() and not list(tmp_path.glob("out.partial*"))

@@ -71,6 +71,7 @@ class TuningOutcome:
         self.evaluator.swapper.load_from(open_artifact_folder(staging))
         validation = self.evaluator.evaluate("validation")
         reporter.progress(1, 2, "splits")
+        reporter.check_cancelled()  # between the two evaluations, as between trials
         summary = dict(self.summary)
         summary["published_validation"] = _result(validation)
         if self.evaluator.examples("test"):

@@ -1,0 +1,326 @@
+"""Faults injected for real into a running service: uvicorn, Celery worker processes
+(prefork), a PostgreSQL cluster and a Redis (AOF on) of the test's own.
+
+Each test ends with the job `succeeded` and exactly one published output whose files hash
+like a clean in-process run of the same merge, or `failed` with a clear code and no
+partial output left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from crucible.pipeline import run_merge_job
+from crucible.settings import Settings
+from crucible.spec import MergeSpec
+from crucible.store import JobStore
+from tests.support.faults import (
+    OwnPostgres,
+    OwnRedis,
+    PatientClient,
+    Processes,
+    file_hashes,
+    make_slow_family,
+    small_folder,
+    wait_until,
+)
+from tests.support.reporters import QuietReporter
+from tests.support.tiny_models import make_gpt2_family
+
+pytestmark = pytest.mark.e2e
+
+TIES = {"name": "ties", "params": {"density": 0.5, "scale": 1.0}}
+
+
+@dataclass
+class Families:
+    root: Path
+    slow: tuple[Path, list[Path]]
+    tiny: tuple[Path, list[Path]]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> Families:
+    root = tmp_path_factory.mktemp("models")
+    return Families(
+        root=root,
+        slow=make_slow_family(root / "slow"),
+        tiny=make_gpt2_family(root / "tiny", n_experts=2, seed=3),
+    )
+
+
+def spec_of(family: tuple[Path, list[Path]], method: dict[str, Any]) -> dict[str, Any]:
+    base, experts = family
+    return {
+        "base": {"uri": base.as_uri()},
+        "experts": [
+            {"uri": e.as_uri(), "weight": w} for e, w in zip(experts, [1.0, 0.6], strict=True)
+        ],
+        "method": method,
+        "output": {"dtype": "float32"},
+    }
+
+
+@pytest.fixture(scope="module")
+def clean(families: Families, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The file hashes of each merge run in process, with no fault."""
+    work = tmp_path_factory.mktemp("clean")
+    settings = Settings(data_dir=work / "data", allowed_local_dirs=[families.root])
+    out: dict[str, Any] = {}
+    for name, family, method in [
+        ("slow", families.slow, TIES),
+        ("tiny", families.tiny, {"name": "linear"}),
+    ]:
+        spec = MergeSpec.model_validate(spec_of(family, method))
+        done = run_merge_job(spec, work / name, settings, QuietReporter())
+        out[name] = file_hashes(done.output_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[OwnPostgres]:
+    pg = OwnPostgres().init()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@dataclass
+class Service:
+    procs: Processes
+    redis: OwnRedis
+    postgres: OwnPostgres
+    db_url: str
+    key: str
+    artifacts: Path
+
+    def client(self, patience: float = 120) -> PatientClient:
+        return PatientClient(self.procs.base_url, self.key, patience)
+
+    def store(self) -> JobStore:
+        return JobStore(self.db_url, self.artifacts)
+
+
+@contextmanager
+def service(
+    work: Path,
+    postgres: OwnPostgres,
+    families: Families,
+    workers: int = 1,
+    artifacts: Path | None = None,
+    **env: str,
+) -> Iterator[Service]:
+    """API + `workers` Celery workers on a new database of our cluster and our Redis."""
+    db_url = postgres.create_database(f"faults_{secrets.token_hex(4)}")
+    redis = OwnRedis(work / "redis").start()
+    artifacts = artifacts or work / "data" / "artifacts"
+    base_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/root"),
+        "CRUCIBLE_DATA_DIR": str(work / "data"),
+        "CRUCIBLE_ARTIFACTS_DIR": str(artifacts),
+        "CRUCIBLE_DATABASE_URL": db_url,
+        "CRUCIBLE_BROKER_URL": redis.url,
+        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(families.root)]),
+        "CRUCIBLE_SECRETS_KEY": Fernet.generate_key().decode(),
+        "CRUCIBLE_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    procs = Processes(base_env, work / "logs")
+    try:
+        key = procs.crucible("keys", "create", "--tenant", "acme").strip()  # also migrates
+        procs.start_api()
+        for i in range(workers):
+            procs.start_worker(f"worker-{i}")
+        yield Service(procs, redis, postgres, db_url, key, artifacts)
+    except BaseException:
+        print(procs.logs())
+        raise
+    finally:
+        procs.stop_all()
+        redis.stop()
+
+
+def submit(client: PatientClient, spec: dict[str, Any], key: str | None = None) -> str:
+    headers = {"Idempotency-Key": key} if key else {}
+    resp = client.request("POST", "/v1/merges", json=spec, headers=headers)
+    assert resp.status_code in (200, 201, 202), resp.text
+    return str(resp.json()["id"])
+
+
+def mid_merge(client: PatientClient, job_id: str) -> dict[str, Any]:
+    """Wait until the job is in its merge stage with some, not all, tensors written."""
+
+    def check() -> dict[str, Any] | None:
+        job = client.request("GET", f"/v1/merges/{job_id}").json()
+        assert job["status"] in ("queued", "running"), job
+        p = job["progress"]
+        if job["stage"] == "merge" and 0 < p["done"] < p["total"]:
+            return job
+        return None
+
+    return wait_until(check, 300, f"job {job_id} to be mid-merge", every=0.05)
+
+
+def assert_published_once(svc: Service, job: dict[str, Any], expected: dict[str, str]) -> None:
+    """Succeeded, one output folder (no staging left), files as listed and as a clean run."""
+    assert job["status"] == "succeeded", job
+    job_dir = svc.artifacts / "jobs" / job["id"]
+    assert sorted(p.name for p in job_dir.iterdir()) == ["output"]
+    out = job_dir / "output"
+    on_disk = file_hashes(out, card=True)
+    assert {f["path"]: f["sha256"] for f in job["result"]["files"]} == on_disk
+    assert file_hashes(out) == expected
+    assert job["result"]["uri"] == f"local://jobs/{job['id']}/output"
+    store = svc.store()
+    try:
+        held = store.ownership(job["id"])
+        events = store.get_job(job["id"]).events  # type: ignore[union-attr]
+    finally:
+        store.close()
+    assert held is not None and held.published_at is not None
+    assert [e.kind for e in events].count("published") == 1
+
+
+# --------------------------------------------------------------------------- the faults
+
+
+def test_sigkill_of_the_worker_mid_merge_a_second_worker_finishes(
+    tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
+) -> None:
+    lease = {
+        "CRUCIBLE_LEASE_SECONDS": "3",
+        "CRUCIBLE_HEARTBEAT_SECONDS": "1",
+        "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
+    }
+    with service(tmp_path, postgres, families, **lease) as svc:
+        client = svc.client()
+        job_id = submit(client, spec_of(families.slow, TIES))
+        at_kill = mid_merge(client, job_id)
+        svc.procs.kill("worker-0", signal.SIGKILL)  # the worker and its pool child
+        # The Redis message stays unacknowledged (12 h visibility): only the lease and the
+        # reaper of another worker can bring the job back.
+        svc.procs.start_worker("worker-1")
+        job = client.wait(job_id)
+        assert_published_once(svc, job, clean["slow"])
+        store = svc.store()
+        held = store.ownership(job_id)
+        store.close()
+        assert held is not None and held.attempts == 2
+        kinds = [e["kind"] for e in job["events"]]
+        assert "requeued" in kinds, kinds
+        assert 0 < at_kill["progress"]["done"] < at_kill["progress"]["total"]
+
+
+def test_redis_restart_while_jobs_are_queued_and_running(
+    tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
+) -> None:
+    with service(tmp_path, postgres, families) as svc:
+        client = svc.client()
+        running = submit(client, spec_of(families.slow, TIES))
+        queued = [submit(client, spec_of(families.tiny, {"name": "linear"})) for _ in range(2)]
+        mid_merge(client, running)
+        assert svc.redis.queue_length() == 2  # the two others wait in Redis
+        svc.redis.restart(down_seconds=2)
+        after = submit(client, spec_of(families.tiny, {"name": "linear"}))
+        jobs = {j: client.wait(j) for j in [running, *queued, after]}
+        assert_published_once(svc, jobs[running], clean["slow"])
+        for j in [*queued, after]:
+            assert_published_once(svc, jobs[j], clean["tiny"])
+        store = svc.store()
+        attempts = {j: store.ownership(j).attempts for j in jobs}  # type: ignore[union-attr]
+        store.close()
+        # Each ran once: a redelivered message of the running job found its live lease.
+        assert attempts == dict.fromkeys(jobs, 1), attempts
+
+
+def test_api_restart_while_clients_poll(
+    tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
+) -> None:
+    with service(tmp_path, postgres, families) as svc:
+        results: dict[int, dict[str, Any]] = {}
+        errors: list[BaseException] = []
+
+        def client_run(i: int) -> None:
+            client = svc.client(patience=180)
+            try:
+                # A retried POST carries the same Idempotency-Key: one job whatever happens.
+                job_id = submit(client, spec_of(families.tiny, {"name": "linear"}), f"k{i}")
+                results[i] = client.wait(job_id)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=client_run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(2):
+            time.sleep(1.0)
+            svc.procs.kill("api", signal.SIGKILL)
+            time.sleep(1.0)
+            svc.procs.start_api()
+        for t in threads:
+            t.join(timeout=400)
+        assert not errors, errors
+        assert sorted(results) == [0, 1, 2, 3]
+        for job in results.values():
+            assert_published_once(svc, job, clean["tiny"])
+        client = svc.client()
+        listed = client.request("GET", "/v1/merges", params={"limit": 50}).json()["items"]
+        client.close()
+        assert sorted(j["id"] for j in listed) == sorted(j["id"] for j in results.values())
+
+
+def test_postgres_restart_while_a_job_runs(
+    tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
+) -> None:
+    with service(tmp_path, postgres, families) as svc:
+        client = svc.client(patience=180)
+        job_id = submit(client, spec_of(families.slow, TIES))
+        mid_merge(client, job_id)
+        postgres.stop("fast")  # every connection is cut
+        time.sleep(3)
+        postgres.start()
+        job = client.wait(job_id)
+        assert_published_once(svc, job, clean["slow"])
+        store = svc.store()
+        held = store.ownership(job_id)
+        store.close()
+        assert held is not None and held.attempts == 1  # the worker rode it out
+
+
+def test_full_output_disk_fails_with_disk_full_and_leaves_nothing(
+    tmp_path: Path, postgres: OwnPostgres, families: Families
+) -> None:
+    with (
+        small_folder(tmp_path / "small", 4 * 1024 * 1024) as small,
+        service(tmp_path, postgres, families, artifacts=small) as svc,
+    ):
+        client = svc.client()
+        job_id = submit(client, spec_of(families.slow, TIES))  # ~25 MB of output
+        job = client.wait(job_id)
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "disk_full", job["error"]
+        assert "no space left" in job["error"]["message"]
+        job_dir = small / "jobs" / job_id
+        leftovers = [p for p in job_dir.rglob("*")] if job_dir.exists() else []
+        assert leftovers == [], leftovers
+        # A job that fits still runs on the same worker afterwards.
+        ok = client.wait(submit(client, spec_of(families.tiny, {"name": "linear"})))
+        assert ok["status"] == "succeeded", ok
