@@ -34,6 +34,7 @@ from crucible.settings import Settings
 from crucible.store import JobStore
 from service.auth import Tenant
 from service.errors import ApiError
+from service.storable import UNSTORABLE_MESSAGE, PathId, first_unstorable, storable
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -292,6 +293,9 @@ def _name(form: _MultipartForm) -> str:
     name = form.text("name") or form.filename or "dataset"
     if len(name) > _NAME_MAX:
         raise _invalid("name", f"name: at most {_NAME_MAX} characters")
+    for field, text in (("name", name), ("file", form.filename or "")):
+        if not storable(text):
+            raise _invalid(field, f"{field}: {UNSTORABLE_MESSAGE}")
     return name
 
 
@@ -300,6 +304,7 @@ def _name(form: _MultipartForm) -> str:
     status_code=201,
     response_model=Dataset,
     responses={
+        400: {"description": "A malformed multipart body"},
         401: _ERRORS[401],
         413: {"description": "The file is larger than CRUCIBLE_MAX_DATASET_BYTES"},
         415: {"description": "Not multipart/form-data, or a file format we do not read"},
@@ -324,6 +329,11 @@ async def upload_dataset(request: Request, tenant: Tenant) -> Dataset:
             summary = await run_in_threadpool(validate_file, blob.path, fmt, labels)
         except DatasetInvalid as exc:
             raise ApiError(422, "invalid_dataset", exc.message, exc.detail) from None
+        bad_label = first_unstorable(summary.labels, "labels")
+        if bad_label is not None:
+            # Labels are stored in the database (JSONB), unlike the rows.
+            message = f"a label: {UNSTORABLE_MESSAGE}"
+            raise ApiError(422, "invalid_dataset", message, {"field": bad_label})
         handle = await run_in_threadpool(
             store.add_dataset, tenant, blob, fmt, summary, name, form.filename
         )
@@ -346,7 +356,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses=_ERRORS)
-def get_dataset(dataset_id: str, request: Request, tenant: Tenant) -> Dataset:
+def get_dataset(dataset_id: PathId, request: Request, tenant: Tenant) -> Dataset:
     handle = _store(request).get_dataset(tenant, dataset_id)
     if handle is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r}")
@@ -354,7 +364,7 @@ def get_dataset(dataset_id: str, request: Request, tenant: Tenant) -> Dataset:
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response, responses=_ERRORS)
-def delete_dataset(dataset_id: str, request: Request, tenant: Tenant) -> Response:
+def delete_dataset(dataset_id: PathId, request: Request, tenant: Tenant) -> Response:
     """Delete the dataset; its stored file goes with the last dataset that uses it. Jobs
     already queued that reference it fail when they start."""
     if not _store(request).delete_dataset(tenant, dataset_id):
