@@ -49,6 +49,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crucible.queue import GPU_QUEUE
@@ -79,7 +80,8 @@ class _Hist:
 
     def buckets(self) -> list[tuple[str, float]]:
         out, running = [], 0
-        for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+        labels = [*map(floatToGoString, self.bounds), "+Inf"]  # "1.0", as client Histograms
+        for bound, n in zip(labels, self.counts, strict=True):
             running += n
             out.append((bound, float(running)))
         return out

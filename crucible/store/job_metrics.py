@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from crucible.spec import TERMINAL_STATUSES
 from crucible.store.models import JobEventRow, JobRow, TrialRow
 
+_FINISHED = "<finished>"  # the end of the last stage: the job's terminal write
 # StoreReporter.stage writes "stage <name> started"; data {"stage": name} when present wins.
 _STAGE_MESSAGE = re.compile(r"stage (\S+) started")
 
@@ -41,15 +42,18 @@ class FinishedJob:
     finished_at: datetime
     input_bytes: int
     output_bytes: int
-    # (stage, start time) in the order the stages started.
-    stages: list[tuple[str, datetime]] = field(default_factory=list)
+    # (stage, start time) in the order the stages started; (None, time) where another
+    # worker took the job over (the stage running then never finished).
+    stages: list[tuple[str | None, datetime]] = field(default_factory=list)
 
     def stage_durations(self) -> list[tuple[str, float]]:
-        """Each stage lasts until the next one starts; the last one until the job ended."""
-        ends = [at for _, at in self.stages[1:]] + [self.finished_at]
+        """Each stage lasts until the next one starts; the last one until the job ended.
+        A stage cut short by a takeover is left out: it measured a lost worker."""
+        ends = [*self.stages[1:], (_FINISHED, self.finished_at)]
         return [
             (name, max(0.0, (end - start).total_seconds()))
-            for (name, start), end in zip(self.stages, ends, strict=True)
+            for (name, start), (next_name, end) in zip(self.stages, ends, strict=True)
+            if name is not None and next_name is not None
         ]
 
 
@@ -101,18 +105,26 @@ class JobMetricsMixin:
         query = query.order_by(JobRow.finished_at, JobRow.id).limit(limit)
         with self._tx() as session:
             rows = list(session.execute(query))
-            stages: dict[str, list[tuple[str, datetime]]] = {r.id: [] for r in rows}
+            stages: dict[str, list[tuple[str | None, datetime]]] = {r.id: [] for r in rows}
             if rows:
                 events = session.execute(
                     select(
-                        JobEventRow.job_id, JobEventRow.at, JobEventRow.message, JobEventRow.data
+                        JobEventRow.job_id,
+                        JobEventRow.kind,
+                        JobEventRow.at,
+                        JobEventRow.message,
+                        JobEventRow.data,
                     )
-                    .where(JobEventRow.job_id.in_(list(stages)), JobEventRow.kind == "stage")
+                    .where(
+                        JobEventRow.job_id.in_(list(stages)),
+                        JobEventRow.kind.in_(("stage", "takeover")),
+                    )
                     .order_by(JobEventRow.job_id, JobEventRow.id)
                 )
                 for ev in events:
-                    name = stage_of(ev.message, ev.data)
-                    if name is not None:
+                    if ev.kind == "takeover":
+                        stages[ev.job_id].append((None, ev.at))
+                    elif (name := stage_of(ev.message, ev.data)) is not None:
                         stages[ev.job_id].append((name, ev.at))
         return [
             FinishedJob(
