@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -457,3 +458,31 @@ def test_cancel_during_tuning_stops_at_the_next_trial_and_leaves_no_output(
         run_merge_job(spec, out, settings, reporter, datasets)
     assert reporter.stages[-1] == "tune" and reporter.trials == 2  # not one trial more
     assert not out.exists() and not list(tmp_path.glob("out.partial*"))
+
+
+def test_crucible_reap_requeues_a_lost_job_through_the_broker(
+    tmp_path: Path, family: tuple[Path, list[Path]]
+) -> None:
+    """`crucible reap` as an operator runs it: the embedded store and filesystem broker."""
+    settings = _settings(tmp_path, family)
+    store = _store(settings)
+    job, _ = store.create_job("acme", _spec(family), "d", None)
+    _as_dead_worker(store, job.id)
+    done = subprocess.run(
+        [sys.executable, "-m", "crucible.cli", "reap"],
+        cwd=REPO,
+        env={**os.environ, "CRUCIBLE_DATA_DIR": str(settings.data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"requeued": [job.id], "failed": [], "unsent": []}
+    held = store.ownership(job.id)
+    assert held is not None and held.status == "queued" and held.worker is None
+    # The task is in the broker's queue folder, naming the job.
+    messages = [p.read_text() for p in (settings.broker_folder / "queue").iterdir()]
+    assert len(messages) == 1 and job.id in messages[0]
+    # And it runs: a second attempt to the end.
+    assert execute_job(job.id, store, settings) == "succeeded"
+    assert store.ownership(job.id).attempts == 2  # type: ignore[union-attr]
