@@ -15,11 +15,14 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from crucible.client import Event
 
@@ -37,6 +40,15 @@ def describe_trial(trial: dict[str, Any]) -> str:
     return f"best trial {trial.get('index')}: {score}"
 
 
+class CountColumn(ProgressColumn):
+    """`done/total unit`, or nothing while the stage has not said how much there is."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("")
+        return Text(f"{task.completed:.0f}/{task.total:.0f} {task.fields.get('unit', '')}")
+
+
 class JobView:
     """Feed it the client's events (`on_event`); use it as a context manager."""
 
@@ -51,7 +63,7 @@ class JobView:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TaskProgressColumn(),
-            TextColumn("{task.completed:.0f}/{task.total:.0f} {task.fields[unit]}"),
+            CountColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[best]}"),
             console=console,
@@ -101,6 +113,10 @@ class JobView:
             return
         self.stage = name
         # A new bar per stage: its units and its ETA are its own.
-        self.progress.reset(self.task, total=None, completed=0, description=name, unit="")
+        best = describe_trial(self.best) if self.best else ""
+        # reset() replaces the task's fields: all of them again.
+        self.progress.reset(
+            self.task, total=None, completed=0, description=name, unit="", best=best
+        )
         if not self.live:
             self._say(f"stage {name}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 
 from crucible.client import (
     ChecksumMismatch,
@@ -32,14 +34,14 @@ from crucible.client import (
     InvalidRequest,
     NotFound,
     Unauthorized,
+    parse_sse,
 )
+from crucible.watch import JobView
 from tests.support.flaky_proxy import Fault, FlakyProxy
 from tests.support.receiver import WebhookReceiver
 from tests.support.s3 import S3Server, s3_server
 from tests.support.stack import REPO_ROOT
 from tests.support.watch_world import TRIALS, ServeStack, World, submit, watch_stack
-
-pytestmark = pytest.mark.e2e
 
 BUCKET = "merged"
 SECRET = "a-webhook-secret-of-enough-length"
@@ -90,6 +92,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.e2e
 def test_submit_wait_publishes_to_s3_signs_the_webhook_and_downloads(
     live: tuple[ServeStack, World, S3Server, WebhookReceiver], tmp_path: Path
 ) -> None:
@@ -152,6 +155,7 @@ def test_submit_wait_publishes_to_s3_signs_the_webhook_and_downloads(
     assert not list((tmp_path / "bad").glob(".*.partial"))
 
 
+@pytest.mark.e2e
 def test_submit_wait_exits_non_zero_with_the_code_when_the_job_fails(
     live: tuple[ServeStack, World, S3Server, WebhookReceiver], tmp_path: Path
 ) -> None:
@@ -165,6 +169,7 @@ def test_submit_wait_exits_non_zero_with_the_code_when_the_job_fails(
     assert done.stdout.strip() == ""  # no URI
 
 
+@pytest.mark.e2e
 def test_submit_refusals_exit_2_with_the_servers_code(
     live: tuple[ServeStack, World, S3Server, WebhookReceiver], tmp_path: Path
 ) -> None:
@@ -186,6 +191,7 @@ def test_submit_refusals_exit_2_with_the_servers_code(
     assert stack.wait_for_job(world.client, job_id)["status"] == "succeeded"
 
 
+@pytest.mark.e2e
 def test_python_client_submit_wait_trials_datasets_and_errors(
     live: tuple[ServeStack, World, S3Server, WebhookReceiver], tmp_path: Path
 ) -> None:
@@ -239,6 +245,7 @@ def test_python_client_submit_wait_trials_datasets_and_errors(
         assert denied.value.code == "unauthorized" and denied.value.request_id
 
 
+@pytest.mark.e2e
 def test_client_retries_and_falls_back_to_polling_through_a_flaky_proxy(
     live: tuple[ServeStack, World, S3Server, WebhookReceiver], tmp_path: Path
 ) -> None:
@@ -289,6 +296,7 @@ def test_client_retries_and_falls_back_to_polling_through_a_flaky_proxy(
         assert not (tmp_path / "short" / "config.json").exists()
 
 
+@pytest.mark.e2e
 def test_logs_are_json_lines_with_request_and_job_ids(
     live: tuple[ServeStack, World, S3Server, WebhookReceiver],
 ) -> None:
@@ -315,3 +323,58 @@ def test_logs_are_json_lines_with_request_and_job_ids(
     # Nothing secret reaches the logs: the webhook secret of the first test, the API key.
     text = stack.log_text("api") + stack.log_text("worker")
     assert SECRET not in text and world.key not in text
+
+
+def _feed(view: JobView) -> None:
+    view.on_event(Event("status", {"status": "running"}))
+    view.on_event(Event("stage", {"stage": "resolve"}))
+    view.on_event(Event("progress", {"stage": "tune", "done": 2, "total": 8, "unit": "trials"}))
+    for index, score in enumerate((0.5, 0.8, 0.6)):
+        trial = {"index": index, "objective": score, "metric": "accuracy", "value": score}
+        view.on_event(Event("trial", trial))
+    view.on_event(Event("event", {"kind": "warning", "message": "odd [bold]x[/bold] thing"}))
+
+
+def test_the_view_draws_stage_percentage_and_best_trial_on_a_terminal() -> None:
+    out = io.StringIO()
+    with JobView(Console(file=out, force_terminal=True, width=140), "job_x") as view:
+        _feed(view)
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue()).replace("\r", "\n")
+    last = [ln for ln in text.splitlines() if ln.startswith("tune")][-1]
+    assert "25%" in last and "2/8 trials" in last and "best trial 1: accuracy 0.8" in last
+    assert "odd [bold]x[/bold] thing" in text  # server text is shown, never read as markup
+
+
+def test_the_view_prints_lines_elsewhere() -> None:
+    out = io.StringIO()
+    with JobView(Console(file=out, force_terminal=False, width=140), "job_x") as view:
+        _feed(view)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "stage resolve",
+        "stage tune",
+        "  best trial 0: accuracy 0.5",
+        "  best trial 1: accuracy 0.8",
+        "  warning: odd [bold]x[/bold] thing",
+    ]
+
+
+def test_sse_parsing_follows_the_format() -> None:
+    stream = [
+        "retry: 2000",
+        "",
+        ": keep-alive",
+        "",
+        "id: 3-1",
+        "event: trial",
+        'data: {"index": 0,',
+        'data:  "objective": 0.5}',
+        "",
+        "data: plain text",
+        "",
+    ]
+    events = list(parse_sse(iter(stream)))
+    assert events == [
+        Event("trial", {"index": 0, "objective": 0.5}, "3-1"),
+        Event("message", "plain text", "3-1"),
+    ]
