@@ -288,6 +288,7 @@ def test_worker_on_another_machine_and_s3_output(split: dict[str, Any], server: 
             work / "worker-data" / "artifacts" / "datasets" / f"{d['sha256']}.jsonl"
         ).exists()
     ids = {n: d["id"] for n, d in uploaded.items()}
+    grams_before = set(server.keys(BUCKET, f"{PREFIX}/grams/"))
 
     # 1. output local:// — the worker fetched the datasets, cached the Grams in S3, and
     #    stored the output there; the API (which has none of it locally) serves it.
@@ -296,7 +297,8 @@ def test_worker_on_another_machine_and_s3_output(split: dict[str, Any], server: 
     assert job["result"]["uri"] == f"local://jobs/{job_id}/output"
     for d in uploaded.values():
         assert (work / "worker-data" / "artifacts" / "datasets" / f"{d['sha256']}.jsonl").is_file()
-    grams = [k for k in server.keys(BUCKET, f"{PREFIX}/grams/") if k.endswith(f"/{META_FILE}")]
+    new_keys = set(server.keys(BUCKET, f"{PREFIX}/grams/")) - grams_before
+    grams = [k for k in new_keys if k.endswith(f"/{META_FILE}")]
     assert len(grams) == 2  # one entry per expert
     files = job["result"]["files"]
     out_prefix = f"{PREFIX}/jobs/{job_id}/output"
