@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from crucible.methods.base import MethodInfo, MethodParams, TensorContext
 from crucible.methods.linalg import FLOAT64_MAX_DIM, FLOAT64_MAX_ELEMENTS
 from crucible.methods.overrides import count_layers, has_overrides, resolve_params
 from crucible.methods.registry import get_method
+from crucible.overlap import BackgroundWriter, Prefetcher
 from crucible.publish.writer import ShardedSafetensorsWriter
 from crucible.report import MergeReport
 from crucible.sources.layout import transposed_weights
@@ -55,6 +56,15 @@ COMPUTE_DTYPE = torch.float32
 # elements peaked ~1.2 GB above baseline for TIES, whose blocks hold ~15 temporaries).
 BLOCK_ELEMENTS = 2 * 2**20
 PER_EXPERT_DIR = "per_expert"
+# Elementwise merges of full models read ahead on a thread, in chunks of whole blocks of
+# about this many input bytes (all inputs together): a chunk is read while the one before
+# is merged, so about two chunks' inputs are in memory. Methods with tensor statistics
+# (TIES) take a whole tensor as one chunk up to WHOLE_TENSOR_BYTES, so the statistics come
+# from memory instead of a second read of the files.
+CHUNK_BYTES = 64 * 2**20
+WHOLE_TENSOR_BYTES = 768 * 2**20
+# Inputs of a chunk start at multiples of this in its buffer (a typed view needs alignment).
+ALIGN = 64
 
 
 @dataclass
@@ -69,6 +79,25 @@ class MergeInputs:
     # Per expert, the tensors only it has (its task head, by its own names): never merged,
     # written to its per_expert/ folder with its config.json.
     expert_only: list[list[str]] = field(default_factory=list)
+
+
+class TensorSink(Protocol):
+    """Where merged tensors go: a ShardedSafetensorsWriter or a BackgroundWriter over one."""
+
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None: ...
+
+
+@dataclass
+class Chunk:
+    """Consecutive merge blocks of one tensor, as read from every input (stored dtype)."""
+
+    name: str
+    rows: tuple[int, int] | None  # None: the whole tensor
+    blocks: list[tuple[int, int] | None]
+    base: torch.Tensor
+    experts: list[torch.Tensor]
+    whole: bool  # holds every row of the tensor
+    last: bool  # the tensor's last chunk
 
 
 class ProgressSink(Protocol):
@@ -173,7 +202,14 @@ def merge_model(
     total = len(names)
     started = time.perf_counter()
     merged_count = 0
-    writers = [writer, *per_expert.values()]
+    sink = BackgroundWriter(writer)
+    writers: list[BackgroundWriter | ShardedSafetensorsWriter] = [sink, *per_expert.values()]
+    # Elementwise methods on full models (no adapter's ΔW to add) read ahead on a thread.
+    streamed = (
+        [n for n in names if base.tensors[n].dtype in FLOAT_CODES and n not in inputs.mismatched]
+        if not method.matrix and all(m.adapter is None for m in [base, *inputs.experts])
+        else []
+    )
     try:
         with ExitStack() as stack:
             base_reader = stack.enter_context(TensorReader(base))
@@ -183,12 +219,18 @@ def merge_model(
                 if inputs.grams
                 else None
             )
+            chunks: Prefetcher[Chunk] | None = None
+            if streamed:
+                ahead = [stack.enter_context(TensorReader(m)) for m in [base, *inputs.experts]]
+                chunks = stack.enter_context(
+                    Prefetcher(chunk_producer(streamed, method, ahead[0], ahead[1:]))
+                )
             reporter.progress(0, total, "tensors")
             for i, name in enumerate(names):
                 reporter.check_cancelled()
                 code = base.tensors[name].dtype
                 if code not in FLOAT_CODES or name in inputs.mismatched:
-                    writer.write(name, base_reader.read(name))
+                    sink.write(name, base_reader.read(name))
                     for index, expert_writer in per_expert.items():
                         if index in inputs.mismatched.get(name, ()):
                             out = readers[index].read(name)
@@ -201,13 +243,18 @@ def merge_model(
                     if method.matrix:
                         diagnostics = merge_matrix(
                             name, method, params, base_reader, readers, gram_readers,
-                            weights, name in transposed, device, out_dtype, writer,
+                            weights, name in transposed, device, out_dtype, sink,
                         )  # fmt: skip
                         report.add_module(name, diagnostics)
+                    elif chunks is not None:
+                        merge_chunks(
+                            name, method, params, chunks, base_reader, readers, weights,
+                            device, out_dtype, sink,
+                        )  # fmt: skip
                     else:
                         merge_blocks(
                             name, method, params, base_reader, readers, weights, device,
-                            out_dtype, writer,
+                            out_dtype, sink,
                         )  # fmt: skip
                     merged_count += 1
                 reporter.progress(i + 1, total, "tensors")
@@ -219,7 +266,7 @@ def merge_model(
             w.abort()
         raise
     seconds = time.perf_counter() - started
-    input_bytes = sum(f.stat().st_size for m in [base, *inputs.experts] for f in m.weight_files)
+    input_bytes = sum(m.file_bytes for m in [base, *inputs.experts])  # streamed files too
     metrics = {
         "tensors": total,
         "merged_tensors": merged_count,
@@ -294,7 +341,7 @@ def merge_blocks(
     weights: list[float],
     device: torch.device,
     out_dtype: torch.dtype,
-    writer: ShardedSafetensorsWriter,
+    writer: TensorSink,
 ) -> None:
     shape = base_reader.info(name).shape
     blockwise = method.elementwise or method.tensor_stats is not None
@@ -316,6 +363,167 @@ def merge_blocks(
         check_finite(name, merged)
         writer.write(name, merged.to(device="cpu", dtype=out_dtype), 0 if rows is None else rows[0])
         del ctx, merged
+
+
+def chunk_producer(
+    names: list[str], method: MethodInfo, base: TensorReader, experts: list[TensorReader]
+) -> Callable[[Callable[[], int]], Iterator[tuple[int, Chunk]]]:
+    """The prefetch thread's work: every chunk of `names`, in order, read with pread into
+    one reused buffer per slot (no allocation, no page faults once the buffers are grown)."""
+    buffers: dict[int, torch.Tensor] = {}
+    blockwise = method.elementwise or method.tensor_stats is not None
+    stats = method.tensor_stats is not None
+    inputs = [base, *experts]
+
+    def produce(take_slot: Callable[[], int]) -> Iterator[tuple[int, Chunk]]:
+        for name in names:
+            shape = base.info(name).shape
+            blocks = row_blocks(shape, blockwise)
+            row_bytes = [_row_bytes(r, name) for r in inputs]
+            groups = _chunk_groups(shape, blocks, sum(row_bytes), stats)
+            for index, group in enumerate(groups):
+                rows = _span(group, shape)
+                sizes = [_aligned(_rows_count(rows, shape) * b) for b in row_bytes]
+                slot = take_slot()
+                buf = buffers.get(slot)
+                need = sum(sizes)
+                if buf is None or buf.numel() < need or buf.numel() > 4 * max(need, CHUNK_BYTES):
+                    buffers.pop(slot, None)  # free the old one before growing
+                    buf = buffers[slot] = torch.empty(max(need, 1), dtype=torch.uint8)
+                views, offset = [], 0
+                for reader, size in zip(inputs, sizes, strict=True):
+                    views.append(reader.read_into(name, rows, buf[offset : offset + size]))
+                    offset += size
+                last = index == len(groups) - 1
+                yield slot, Chunk(name, rows, group, views[0], views[1:], len(groups) == 1, last)
+
+    return produce
+
+
+def _row_bytes(reader: TensorReader, name: str) -> int:
+    info = reader.info(name)
+    return info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+
+
+def _rows_count(rows: tuple[int, int] | None, shape: tuple[int, ...]) -> int:
+    if rows is None:
+        return 1 if not shape or shape[0] == 0 else shape[0]
+    return rows[1] - rows[0]
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _span(group: list[tuple[int, int] | None], shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The rows a group of blocks covers; None for the one whole-tensor block."""
+    if group == [None]:
+        return None
+    first, last = group[0], group[-1]
+    assert first is not None and last is not None
+    return (first[0], last[1])
+
+
+def _chunk_groups(
+    shape: tuple[int, ...],
+    blocks: list[tuple[int, int] | None],
+    bytes_per_row: int,
+    whole_wanted: bool,
+) -> list[list[tuple[int, int] | None]]:
+    """Consecutive blocks grouped into chunks of about CHUNK_BYTES of input (whole tensors
+    up to WHOLE_TENSOR_BYTES when the method wants tensor statistics)."""
+    if blocks == [None]:
+        return [blocks]
+    if whole_wanted and shape[0] * bytes_per_row <= WHOLE_TENSOR_BYTES:
+        return [blocks]
+    groups: list[list[tuple[int, int] | None]] = [[]]
+    size = 0
+    for block in blocks:
+        assert block is not None
+        n = (block[1] - block[0]) * bytes_per_row
+        if groups[-1] and size + n > CHUNK_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(block)
+        size += n
+    return groups
+
+
+def merge_chunks(
+    name: str,
+    method: MethodInfo,
+    params: MethodParams,
+    chunks: Prefetcher[Chunk],
+    base_reader: TensorReader,
+    readers: list[TensorReader],
+    weights: list[float],
+    device: torch.device,
+    out_dtype: torch.dtype,
+    writer: TensorSink,
+) -> None:
+    """merge_blocks on prefetched chunks: the same blocks, the same arithmetic (so the same
+    bytes), with reading on the prefetch thread and writing on the writer thread."""
+    shape = base_reader.info(name).shape
+    extra: dict[str, Any] = {"shape": shape}
+    first = True
+    while True:
+        slot, chunk = next(chunks)
+        try:
+            if chunk.name != name:
+                raise RuntimeError(f"prefetched {chunk.name!r} while merging {name!r}")
+            if first and method.tensor_stats is not None and chunk.blocks != [None]:
+                if chunk.whole:
+                    extra["stats"] = _stats_in_memory(method, params, chunk)
+                else:  # too large to hold: read each task vector again, block by block
+                    blocks = row_blocks(shape, True)
+                    extra["stats"] = [
+                        method.tensor_stats(task_vector(name, base_reader, r, blocks), params)
+                        for r in readers
+                    ]
+            first = False
+            start = chunk.rows[0] if chunk.rows is not None else 0
+            storage = chunk.base.untyped_storage().data_ptr()
+            for rows in chunk.blocks:
+                local = slice(None) if rows is None else slice(rows[0] - start, rows[1] - start)
+                ctx = TensorContext(
+                    name=name,
+                    base=chunk.base[local].to(device=device, dtype=COMPUTE_DTYPE),
+                    experts=[
+                        e[local].to(device=device, dtype=COMPUTE_DTYPE) for e in chunk.experts
+                    ],
+                    weights=weights,
+                    extra=extra if rows is None else {**extra, "rows": rows},
+                )
+                merged = method.merge(ctx, params)
+                check_finite(name, merged)
+                out = merged.to(device="cpu", dtype=out_dtype)
+                if out.untyped_storage().data_ptr() == storage:
+                    out = out.clone()  # a view of the reused buffer: the writer needs its own
+                writer.write(name, out, 0 if rows is None else rows[0])
+                del ctx, merged, out
+        finally:
+            chunks.release(slot)
+        if chunk.last:
+            return
+
+
+def _stats_in_memory(method: MethodInfo, params: MethodParams, chunk: Chunk) -> list[Any]:
+    """tensor_stats of each whole task vector, assembled block by block from the chunk as
+    task_vector() does from the files (so the same values)."""
+    assert method.tensor_stats is not None
+    stats = []
+    for expert in chunk.experts:
+        tau = torch.empty(chunk.base.numel(), dtype=COMPUTE_DTYPE)
+        pos = 0
+        for rows in chunk.blocks:
+            assert rows is not None
+            b, e = chunk.base[rows[0] : rows[1]], expert[rows[0] : rows[1]]
+            block = e.to(COMPUTE_DTYPE) - b.to(COMPUTE_DTYPE)
+            tau[pos : pos + block.numel()] = block.reshape(-1)
+            pos += block.numel()
+        stats.append(method.tensor_stats(tau, params))
+        del tau
+    return stats
 
 
 def matrix_context(
@@ -376,7 +584,7 @@ def merge_matrix(
     transposed: bool,
     device: torch.device,
     out_dtype: torch.dtype,
-    writer: ShardedSafetensorsWriter,
+    writer: TensorSink,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     ctx = matrix_context(name, base_reader, readers, gram_readers, weights, transposed, device)

@@ -9,7 +9,6 @@ take a copy-on-write fault per page).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import TracebackType
 
@@ -17,19 +16,14 @@ import torch
 
 from crucible.methods.linalg import FLOAT64_MAX_ELEMENTS
 from crucible.sources.adapter import LoraDelta
+from crucible.sources.byte_source import ByteSource, open_source, pread_view
 from crucible.sources.resolve import ResolvedModel
 from crucible.sources.safetensors_header import TensorInfo, torch_name_for_code
 
 
 def pread_exact(fd: int, buf: torch.Tensor, offset: int, path: Path) -> None:
     """Fill the uint8 tensor `buf` from `fd` at `offset` (preadv may return short reads)."""
-    view = memoryview(buf.numpy())
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise OSError(f"{path}: unexpected end of file at byte {offset + done}")
-        done += n
+    pread_view(fd, memoryview(buf.numpy()), offset, path)
 
 
 class TensorReader:
@@ -41,7 +35,9 @@ class TensorReader:
 
     def __init__(self, model: ResolvedModel) -> None:
         self.model = model
-        self._fds: dict[Path, int] = {}
+        # One byte source per weight file: the local file, or HTTP range reads for a model
+        # whose weights are streamed (model.remote; crucible/sources/remote.py).
+        self._sources: dict[Path, ByteSource] = {}
         self._open = False
         # (the factors' infos and dtype, B, A) of the adapter module read last
         self._factors: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
@@ -59,14 +55,14 @@ class TensorReader:
         self.close()
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for source in self._sources.values():
+            source.close()
+        self._sources.clear()
         self._open = False
 
     @property
     def open_files(self) -> list[Path]:
-        return list(self._fds)
+        return list(self._sources)
 
     def names(self) -> list[str]:
         return list(self.model.tensors)
@@ -121,7 +117,17 @@ class TensorReader:
             out = (b if rows is None else b[rows[0] : rows[1]]) @ a
         return out.contiguous().mul_(lora.scaling)
 
-    def _read_info(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
+    def read_into(
+        self, name: str, rows: tuple[int, int] | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        """The stored tensor `name` (or rows of it), read into the front of the uint8 tensor
+        `out` and returned as a view of it: no allocation, so a caller can reuse buffers.
+        The bytes as stored: an adapter's ΔW is not added."""
+        return self._read_info(self.info(name), rows, out)
+
+    def _read_info(
+        self, info: TensorInfo, rows: tuple[int, int] | None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not self._open:
             raise RuntimeError("TensorReader is closed: use it as a context manager")
         shape = info.shape
@@ -134,15 +140,19 @@ class TensorReader:
             offset += start * row_bytes
             nbytes = (stop - start) * row_bytes
             shape = (stop - start, *shape[1:])
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if out is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.numel() < nbytes or not out.is_contiguous():
+            raise ValueError(f"{info.name!r}: the buffer cannot hold {nbytes} bytes")
+        else:
+            buf = out[:nbytes]
         if nbytes:
             self._pread_into(info.file, buf, offset)
         dtype = getattr(torch, torch_name_for_code(info.dtype))
         return buf.view(dtype).reshape(shape)
 
     def _pread_into(self, path: Path, buf: torch.Tensor, offset: int) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-        pread_exact(fd, buf, offset, path)
+        source = self._sources.get(path)
+        if source is None:
+            source = self._sources[path] = open_source(path, self.model.remote)
+        source.read_into(offset, memoryview(buf.numpy()))
