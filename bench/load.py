@@ -97,24 +97,27 @@ async def _timed(
 async def _paced(
     interval: float, deadline: float, rec: Recorder, body: Any, rng: random.Random
 ) -> None:
-    """Run `body` every `interval` seconds from a random phase until `deadline`."""
+    """Run `body` every `interval` seconds from a random phase until `deadline`; a slot
+    missed because the previous request was slow is not made up with a burst."""
     next_at = time.perf_counter() + rng.uniform(0, interval)
     while True:
         now = time.perf_counter()
-        if next_at >= deadline:
+        if next_at >= deadline or now >= deadline:
             return
         if next_at > now:
             await asyncio.sleep(next_at - now)
         else:
             rec.lateness.append(now - next_at)
         await body()
-        next_at += interval
+        next_at = max(next_at + interval, time.perf_counter())
 
 
 async def _run_clients(
     base_url: str, key: str, spec: dict[str, Any], args: argparse.Namespace, rec: Recorder
 ) -> float:
-    limits = httpx.Limits(max_connections=args.pollers + args.submitters + 10)
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them, so a
+    # request never races the server's close (RemoteProtocolError).
+    limits = httpx.Limits(max_connections=args.pollers + args.submitters + 10, keepalive_expiry=2.0)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(
         base_url=base_url, headers=headers, limits=limits, timeout=args.timeout
