@@ -88,7 +88,14 @@ def reap() -> None:
     settings = get_settings()
     result = reap_once(_store(settings), settings, celery_enqueue(settings))
     typer.echo(
-        json.dumps({"requeued": result.requeued, "failed": result.failed, "unsent": result.unsent})
+        json.dumps(
+            {
+                "requeued": result.requeued,
+                "failed": result.failed,
+                "unsent": result.unsent,
+                "resent": result.resent,
+            }
+        )
     )
     if result.unsent:
         raise typer.Exit(1)

@@ -2,9 +2,11 @@
 
 Each pass finds `running` jobs with an expired lease and, per job, either requeues it
 (status back to `queued`, the Celery task sent again) while it has attempts left, or fails
-it with `worker_lost`. Every change is a conditional UPDATE, so any number of reapers (one
-thread in every worker process, plus `crucible reap`) can run at once: each job is requeued
-or failed by exactly one of them. Torch-free.
+it with `worker_lost`; and it sends the task again for jobs left `queued` longer than
+`queued_resend_seconds` (an API that died between storing a job and sending its task).
+Every change is a conditional UPDATE, so any number of reapers (one thread in every worker
+process, plus `crucible reap`) can run at once: each job is requeued, resent or failed by
+exactly one of them. Torch-free.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class ReapResult:
     failed: list[str] = field(default_factory=list)
     # Requeued, but the task could not be sent: left running (expired) for the next pass.
     unsent: list[str] = field(default_factory=list)
+    # Queued for `queued_resend_seconds` without being claimed: the task was sent again.
+    resent: list[str] = field(default_factory=list)
 
 
 def reap_once(store: JobStore, settings: Settings, enqueue: Enqueue) -> ReapResult:
@@ -60,7 +64,26 @@ def reap_once(store: JobStore, settings: Settings, enqueue: Enqueue) -> ReapResu
         )
         log.warning("reaper: job %s lost its worker; requeued", job_id)
         result.requeued.append(job_id)
+    _resend_stale(store, settings, enqueue, result)
     return result
+
+
+def _resend_stale(
+    store: JobStore, settings: Settings, enqueue: Enqueue, result: ReapResult
+) -> None:
+    """A job queued long ago may have no task at all (the API died between storing it and
+    sending the task): send it again. If it had one, the extra delivery is a no-op."""
+    older_than = settings.queued_resend_seconds
+    for job_id in store.stale_queued_jobs(older_than):
+        if not store.mark_resent(job_id, older_than):
+            continue
+        try:
+            enqueue(job_id)
+        except Exception as exc:  # broker down: marked anyway, tried again after older_than
+            log.warning("reaper: could not resend job %s (%s)", job_id, exc)
+            continue
+        log.info("reaper: job %s queued for over %.0f s; task sent again", job_id, older_than)
+        result.resent.append(job_id)
 
 
 def celery_enqueue(settings: Settings) -> Enqueue:

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     allowed_local_dirs: list[Path] = Field(default_factory=list)
     # Where the merge math runs; storage stays on the CPU. auto: CUDA when there is a GPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Experts in one merge request (4xx naming CRUCIBLE_MAX_EXPERTS beyond it).
     max_experts: int = 32
     # LoRA outputs of linear/task_arithmetic merges: factor sum_t c_t B_t A_t through QR of
     # the stacked factors (never d_out x d_in). false forces the dense SVD (benchmarks).
@@ -38,11 +39,14 @@ class Settings(BaseSettings):
     # Per-job caps on the tuner and the statistics stage (4xx naming the limit when exceeded).
     max_trials: int = 512
     max_samples: int = 100_000
-    list_limit_max: int = 200
     # How often a running job looks at the cancel flag (seconds between database reads).
     cancel_poll_seconds: float = 0.5
     # Redis redelivers unacknowledged tasks after this; longer than the longest job.
     visibility_timeout_seconds: int = 12 * 3600
+    # Log lines: json or text; unset, each command's default (json for serve/worker, text
+    # for merge/up). The level applies to the root logger.
+    log_format: Literal["json", "text"] | None = None
+    log_level: str = "INFO"
     # Seconds between progress writes to the job store (the last one is always written).
     progress_interval_seconds: float = 0.5
 
@@ -57,6 +61,10 @@ class Settings(BaseSettings):
     # connection errors this many times with the retry policy's backoff (about 45 s in
     # all), so a database restart does not fail the jobs that are running.
     store_retry_attempts: int = 8
+    # A job still queued this long after its task was sent has its task sent again by the
+    # reaper (the API may have died between storing the job and sending the task); a
+    # duplicate delivery is a no-op.
+    queued_resend_seconds: float = 300.0
     # --- Limits (issue 6); each exceeded one is a 4xx naming the limit (or a failed job
     # with limit_exceeded when only the worker can know, e.g. input bytes).
     job_wall_time_seconds: float = 24 * 3600.0
@@ -66,6 +74,11 @@ class Settings(BaseSettings):
     # --- Sources and secrets (issue 6).
     # Pickled checkpoints (.bin/.pt) are refused unless enabled; then read weights_only.
     allow_pickle: bool = False
+    # How Hub weights reach the merge stage (issue 8). download: into the HF cache first.
+    # stream: only config/tokenizer files are downloaded; tensors are read with HTTP range
+    # requests as the merge goes (no local copy). Jobs with a statistics or tuning stage,
+    # which load whole models through transformers, and LoRA adapters still download.
+    source_mode: Literal["download", "stream"] = "download"
     # Fernet key (urlsafe base64, 32 bytes) encrypting request secrets at rest. Unset in
     # embedded mode: a key is generated once under the data dir (mode 0600).
     secrets_key: SecretStr | None = None

@@ -252,7 +252,10 @@ def test_redis_restart_while_jobs_are_queued_and_running(
 def test_api_restart_while_clients_poll(
     tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
 ) -> None:
-    with service(tmp_path, postgres, families) as svc:
+    # The API can die between storing a job and sending its task: the workers' reapers
+    # send the task of a job left queued again after CRUCIBLE_QUEUED_RESEND_SECONDS.
+    resend = {"CRUCIBLE_QUEUED_RESEND_SECONDS": "5", "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1"}
+    with service(tmp_path, postgres, families, **resend) as svc:
         results: dict[int, dict[str, Any]] = {}
         errors: list[BaseException] = []
 
@@ -324,3 +327,28 @@ def test_full_output_disk_fails_with_disk_full_and_leaves_nothing(
         # A job that fits still runs on the same worker afterwards.
         ok = client.wait(submit(client, spec_of(families.tiny, {"name": "linear"})))
         assert ok["status"] == "succeeded", ok
+
+
+def test_cancel_mid_merge_stops_the_worker_and_removes_the_partial_output(
+    tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
+) -> None:
+    with service(tmp_path, postgres, families) as svc:
+        client = svc.client()
+        job_id = submit(client, spec_of(families.slow, TIES))
+        mid_merge(client, job_id)
+        asked = time.monotonic()
+        resp = client.request("POST", f"/v1/merges/{job_id}/cancel")
+        assert resp.status_code == 200, resp.text
+        job = client.wait(job_id)
+        seconds = time.monotonic() - asked
+        print(f"cancel mid-merge: terminal after {seconds:.2f} s")
+        assert job["status"] == "cancelled" and job["error"]["code"] == "cancelled", job
+        assert job["progress"]["done"] < job["progress"]["total"]  # it stopped mid-merge
+        job_dir = svc.artifacts / "jobs" / job_id
+        assert not job_dir.exists() or list(job_dir.iterdir()) == []
+        # The worker is free again: the next job runs to the end.
+        assert_published_once(
+            svc,
+            client.wait(submit(client, spec_of(families.tiny, {"name": "linear"}))),
+            clean["tiny"],
+        )

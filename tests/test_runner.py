@@ -477,7 +477,12 @@ def test_crucible_reap_requeues_a_lost_job_through_the_broker(
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"requeued": [job.id], "failed": [], "unsent": []}
+    assert json.loads(done.stdout) == {
+        "requeued": [job.id],
+        "failed": [],
+        "unsent": [],
+        "resent": [],
+    }
     held = store.ownership(job.id)
     assert held is not None and held.status == "queued" and held.worker is None
     # The task is in the broker's queue folder, naming the job.

@@ -735,3 +735,33 @@ def test_publish_marker_is_set_once(store: JobStore) -> None:
     assert store.take_over(job.id, "w2", 60, max_attempts=3) is not None
     assert store.record_publish(job.id, "w2", result) is False
     assert store.ownership(job.id).published_at == held.published_at  # type: ignore[union-attr]
+
+
+def test_reaper_resends_a_job_left_queued_once_per_period(store: JobStore, tmp_path: Path) -> None:
+    """An API that died between storing a job and sending its task leaves a queued job
+    with no message; the reaper sends it again, once per `queued_resend_seconds`."""
+    settings = Settings(data_dir=tmp_path / "settings", queued_resend_seconds=60)
+    old, fresh = new_job(store, n=1), new_job(store, n=2)
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(JobRow)
+            .where(JobRow.id == old.id)
+            .values(created_at=now_utc() - timedelta(seconds=120))
+        )
+    sent: list[str] = []
+    results = race(4, lambda i: reap_once(store, settings, sent.append))
+    assert sent == [old.id] and sorted(j for r in results for j in r.resent) == [old.id]
+    assert reap_once(store, settings, sent.append).resent == []  # not again within 60 s
+    held = store.ownership(old.id)
+    assert held is not None and held.status == "queued"
+    assert_utc(held.heartbeat_at)  # when the task was last sent
+    assert store.ownership(fresh.id).heartbeat_at is None  # type: ignore[union-attr]
+    # Claimed jobs are not queued any more: nothing to resend.
+    assert store.claim(old.id, "w1", lease_seconds=60) is not None
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(JobRow)
+            .where(JobRow.id == old.id)
+            .values(heartbeat_at=now_utc() - timedelta(seconds=120))
+        )
+    assert reap_once(store, settings, sent.append).resent == []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from crucible.spec import Job, JobResult
@@ -39,6 +39,12 @@ class Ownership:
 def lease_expired(now: datetime) -> ColumnElement[bool]:
     """A running job's lease has run out (or it never had one: claimed before leases)."""
     return or_(JobRow.lease_expires_at.is_(None), JobRow.lease_expires_at < now)
+
+
+def _last_sent() -> ColumnElement[datetime]:
+    """When a queued job's task was last sent: the reaper's resend or requeue
+    (heartbeat_at), else the job's creation."""
+    return func.coalesce(JobRow.heartbeat_at, JobRow.created_at)
 
 
 def worker_lost_error(attempts: int) -> dict[str, Any]:
@@ -151,7 +157,33 @@ class LeaseMixin:
                     lease_expired(now),
                     JobRow.attempts < max_attempts,
                 )
-                .values(status="queued", worker=None)
+                # heartbeat_at of a queued job: when its task was last sent.
+                .values(status="queued", worker=None, heartbeat_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(done.rowcount == 1)  # type: ignore[attr-defined]
+
+    def stale_queued_jobs(self, older_than: float, limit: int = 100) -> list[str]:
+        """Queued jobs whose task was sent (or that were created) over `older_than` s ago."""
+        cutoff = now_utc() - timedelta(seconds=older_than)
+        with self._tx() as session:
+            rows = session.execute(
+                select(JobRow.id)
+                .where(JobRow.status == "queued", _last_sent() < cutoff)
+                .order_by(JobRow.id)
+                .limit(limit)
+            ).all()
+        return [r.id for r in rows]
+
+    def mark_resent(self, job_id: str, older_than: float) -> bool:
+        """Record that a stale queued job's task is sent again now; True for one caller."""
+        now = now_utc()
+        cutoff = now - timedelta(seconds=older_than)
+        with self._tx(write=True) as session:
+            done = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "queued", _last_sent() < cutoff)
+                .values(heartbeat_at=now)
                 .execution_options(synchronize_session=False)
             )
             return bool(done.rowcount == 1)  # type: ignore[attr-defined]
