@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,20 +92,20 @@ class TextFormatter(logging.Formatter):
 
 
 def resolve_format(default: LogFormat) -> LogFormat:
-    """CRUCIBLE_LOG_FORMAT when set (json or text), else the command's default."""
-    value = os.environ.get(LOG_FORMAT_ENV, "").strip().lower()
-    if not value:
-        return default
-    if value not in ("json", "text"):
-        raise ValueError(f"{LOG_FORMAT_ENV} must be json or text, not {value!r}")
-    return value  # type: ignore[return-value]
+    """Settings.log_format (CRUCIBLE_LOG_FORMAT) when set, else the command's default."""
+    from crucible.settings import Settings
+
+    return Settings().log_format or default
 
 
 def configure_logging(default: LogFormat, level: int | str | None = None) -> LogFormat:
     """Route every logger through one stderr handler on the root logger in the chosen
     format; returns the format used. Idempotent: a second call replaces the handler."""
-    fmt = resolve_format(default)
-    level = level or os.environ.get(LOG_LEVEL_ENV, "INFO")
+    from crucible.settings import Settings
+
+    settings = Settings()
+    fmt = settings.log_format or default
+    level = level or settings.log_level
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())

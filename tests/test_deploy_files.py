@@ -26,8 +26,8 @@ BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILES = {name: ROOT / "docker" / f"{name}.Dockerfile" for name in ("api", "worker")}
-# Process environment read outside crucible/settings.py (crucible/logs.py).
-EXTRA_CRUCIBLE_ENV = {"CRUCIBLE_LOG_FORMAT", "CRUCIBLE_LOG_LEVEL"}
+# Process environment read outside crucible/settings.py: none (every CRUCIBLE_* is a setting).
+EXTRA_CRUCIBLE_ENV: set[str] = set()
 CUDA_TORCH = re.compile(r"^(torch|triton|nvidia-.*)$")
 
 
