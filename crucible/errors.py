@@ -22,7 +22,11 @@ class CrucibleError(Exception):
       worker_lost (lease expired max_attempts times), disk_full (ENOSPC/EDQUOT/EFBIG),
       unsafe_checkpoint (a pickle weights_only refuses), corrupt_checkpoint,
       secrets_unreadable (the job's secrets do not decrypt with this CRUCIBLE_SECRETS_KEY),
-      webhook_url_forbidden (the SSRF policy refuses a webhook URL; 422 at submit).
+      webhook_url_forbidden (the SSRF policy refuses a webhook URL; 422 at submit),
+      publish_failed (the output could not be written to its s3:// or hf:// destination),
+      lease_lost (this worker's lease ran out and another delivery owns the job now; the
+      run stops without touching the job), stream_unavailable (a ranged read of a streamed
+      Hub input failed after its retries).
     """
 
     def __init__(self, code: str, message: str, detail: Any = None) -> None:
