@@ -93,7 +93,14 @@ def run_merge_job(
 
             reporter.stage("statistics")
             merge_inputs.grams = compute_statistics(
-                spec, merge_inputs.base, merge_inputs.experts, found, settings, reporter, device
+                spec,
+                merge_inputs.base,
+                merge_inputs.experts,
+                found,
+                settings,
+                reporter,
+                device,
+                hub_token=hub_token,
             )
         tuned = None
         if spec.tuning is not None:

@@ -79,8 +79,11 @@ def compute_statistics(
     settings: Settings,
     reporter: StatsReporter,
     device: torch.device,
+    hub_token: str | None = None,
 ) -> list[ResolvedModel] | None:
-    """One Gram folder per expert (spec order), or None when the method needs no Grams."""
+    """One Gram folder per expert (spec order), or None when the method needs no Grams.
+
+    `hub_token`: the job's Hub token, for Gram folders in private hf:// repos."""
     if not spec.needs_grams():
         return None
     cache = GramCache(settings.artifacts_root, artifact_store(settings))
@@ -89,7 +92,9 @@ def compute_statistics(
     for i, (ref, expert) in enumerate(zip(spec.experts, experts, strict=True)):
         reporter.check_cancelled()
         if ref.grams is not None:
-            folders[i] = resolve_model(ref.grams, settings)
+            folders[i] = resolve_model(
+                ref.grams, settings, on_event=reporter.event, token=hub_token
+            )
         elif ref.dataset is not None:
             handle = datasets.get(ref.dataset)
             if handle is None:
