@@ -183,14 +183,23 @@ def _resolve(
     reporter.stage("resolve")
     total = 1 + len(spec.experts)
     reporter.progress(0, total, "models")
-    base = resolve_model(spec.base, settings, on_event=reporter.event, token=hub_token)
+    stream = _streams(spec, settings, reporter)
+    base = resolve_model(
+        spec.base, settings, on_event=reporter.event, token=hub_token, stream=stream
+    )
     reporter.progress(1, total, "models")
     experts: list[ResolvedModel] = []
     expert_only: list[list[str]] = []
     for i, ref in enumerate(spec.experts):
         reporter.check_cancelled()
         expert = resolve_model(
-            ref, settings, base, ref.allow_base_mismatch, on_event=reporter.event, token=hub_token
+            ref,
+            settings,
+            base,
+            ref.allow_base_mismatch,
+            on_event=reporter.event,
+            token=hub_token,
+            stream=stream,
         )
         if expert.warning:
             reporter.event("adapter_base_unchecked", expert.warning, {"uri": ref.uri})
@@ -245,6 +254,22 @@ def _resolve(
         expert_only=expert_only,
     )
     return merge_inputs, inputs
+
+
+def _streams(spec: MergeSpec, settings: Settings, reporter: Reporter) -> bool:
+    """Whether Hub weights are streamed (CRUCIBLE_SOURCE_MODE=stream): not for jobs with a
+    statistics or tuning stage, which load whole models through transformers."""
+    if settings.source_mode != "stream":
+        return False
+    if spec.needs_grams() or spec.tuning is not None:
+        reporter.event(
+            "stream_skipped",
+            "source_mode is stream, but this job's statistics or tuning stage loads whole "
+            "models: its Hub weights are downloaded",
+            None,
+        )
+        return False
+    return True
 
 
 def _aligned(base: ResolvedModel, expert: ResolvedModel) -> tuple[ResolvedModel, list[str]]:

@@ -11,6 +11,10 @@
   by crucible/sources/pickle_reader.py and read like any other weights.
 - `file:///abs/path`: only inside `Settings.allowed_local_dirs`, symlinks resolved first so a
   link cannot lead out of an allowed folder.
+- `stream=True` (CRUCIBLE_SOURCE_MODE=stream): a Hub model's support files are downloaded but
+  its safetensors weights are not; their headers are read with HTTP range requests and
+  `ResolvedModel.remote` reads the tensors the same way (crucible/sources/remote.py).
+  Adapters, pickles and servers that ignore Range take the download path.
 
 No weights are read here: only headers, so a bad input fails in seconds.
 """
@@ -45,6 +49,7 @@ from crucible.sources.safetensors_header import TensorInfo, read_safetensors_hea
 from crucible.sources.uri import parse_uri
 
 if TYPE_CHECKING:
+    from crucible.sources.remote import RemoteWeights
     from crucible.spec import ModelRef
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -89,10 +94,19 @@ class ResolvedModel:
     adapter: AdapterPlan | None = None
     # A note for the job's events (e.g. an adapter that does not name its base).
     warning: str | None = None
+    # Set when the weights are streamed (not on disk): TensorReader reads `weight_files`
+    # through it with HTTP range requests. An adapter of a streamed base carries the base's.
+    remote: RemoteWeights | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the weight files, streamed ones by the size the Hub gave."""
+        sizes = self.remote.sizes if self.remote is not None else {}
+        return sum(sizes[f] if f in sizes else f.stat().st_size for f in self.weight_files)
 
 
 def input_bytes(models: list[ResolvedModel]) -> int:
@@ -109,6 +123,7 @@ def resolve_model(
     allow_base_mismatch: bool = False,
     on_event: EventSink | None = None,
     token: str | None = None,
+    stream: bool = False,
 ) -> ResolvedModel:
     """Pin, fetch (Hub) or locate (file://) a model and read its safetensors headers.
 
@@ -117,12 +132,15 @@ def resolve_model(
     weights are downloaded, then its tensors are mapped onto the base's.
     `on_event`: the job's `Reporter.event`; each retried Hub call is reported there.
     `token`: the request's Hub token (crucible.secrets), else the worker's HF_TOKEN.
+    `stream`: read a Hub model's weights with range requests instead of downloading them
+    (support files are still downloaded); ignored for file:// models and adapters.
     """
     try:
         parsed = parse_uri(ref.uri)
     except ValueError as exc:
         raise CrucibleError("unsupported_uri", str(exc), {"uri": ref.uri}) from exc
     checked: dict[str, Any] = {}
+    remote: RemoteWeights | None = None
 
     def check_adapter(config_path: Path) -> None:
         if base is None:
@@ -136,8 +154,8 @@ def resolve_model(
         checked["warning"] = check_adapter_base(config, ref.uri, base.uri, allow_base_mismatch)
 
     if parsed.scheme == "hf":
-        root, commit = _fetch_hub(
-            parsed.target, ref.revision, check_adapter, settings, on_event, token
+        root, commit, remote = _fetch_hub(
+            parsed.target, ref.revision, check_adapter, settings, on_event, token, stream
         )
     elif parsed.scheme == "file":
         root = _check_local(parsed.path, settings, ref.uri)
@@ -153,6 +171,8 @@ def resolve_model(
         )
     if "config" in checked and base is not None:
         return _open_adapter(root, ref, commit, base, checked["config"], checked["warning"])
+    if remote is not None:
+        return _open_remote(root, ref, commit, remote)
     return _open_folder(root, ref.uri, ref.revision, commit, settings)
 
 
@@ -182,6 +202,30 @@ def _open_adapter(
         tensors={**base.tensors, **plan.full},
         adapter=plan,
         warning=warning,
+        remote=base.remote,
+    )
+
+
+def _open_remote(
+    root: Path, ref: ModelRef, commit: str | None, remote: RemoteWeights
+) -> ResolvedModel:
+    """A streamed Hub model: its headers were read over HTTP by _fetch_hub; the shard
+    index (a support file, downloaded) is checked against them as for a local folder."""
+    names = {path.name for path in remote.files}
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        weight_files, expected = _read_index(index_path, root, available=names)
+    else:
+        weight_files, expected = sorted(remote.files), None
+    tensors = _read_headers(weight_files, expected, root, read_header=remote.headers.__getitem__)
+    return ResolvedModel(
+        uri=ref.uri,
+        revision=ref.revision,
+        commit=commit,
+        root=root,
+        weight_files=weight_files,
+        tensors=tensors,
+        remote=remote,
     )
 
 
@@ -280,7 +324,11 @@ def _weight_files(
     return files, None
 
 
-def _read_index(index_path: Path, root: Path) -> tuple[list[Path], dict[str, str]]:
+def _read_index(
+    index_path: Path, root: Path, available: set[str] | None = None
+) -> tuple[list[Path], dict[str, str]]:
+    """`available`: the shard names a streamed model has (its files are not on disk)."""
+
     def bad(what: str) -> CrucibleError:
         return CrucibleError(
             "corrupt_safetensors", f"{INDEX_FILE}: {what}", {"file": str(index_path)}
@@ -306,18 +354,21 @@ def _read_index(index_path: Path, root: Path) -> tuple[list[Path], dict[str, str
         if fname not in seen:
             seen.add(fname)
             path = root / fname
-            if not path.is_file():
+            if not (path.is_file() if available is None else fname in available):
                 raise bad(f"lists shard {fname!r}, which is missing")
             files.append(path)
     return files, weight_map
 
 
 def _read_headers(
-    files: list[Path], expected: dict[str, str] | None, root: Path
+    files: list[Path],
+    expected: dict[str, str] | None,
+    root: Path,
+    read_header: Callable[[Path], dict[str, TensorInfo]] = read_safetensors_header,
 ) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for path in files:
-        for name, info in read_safetensors_header(path).items():
+        for name, info in read_header(path).items():
             if name in tensors:
                 raise CrucibleError(
                     "corrupt_safetensors",
@@ -374,10 +425,12 @@ def _fetch_hub(
     settings: Settings,
     on_event: EventSink | None,
     token: str | None = None,
-) -> tuple[Path, str]:
+    stream: bool = False,
+) -> tuple[Path, str, RemoteWeights | None]:
     """Download a repo's weights and support files at one pinned commit. An adapter repo's
     config is fetched alone first and given to `check_adapter`, which may refuse it before
-    its weights are downloaded."""
+    its weights are downloaded. With `stream`, safetensors weights are not downloaded:
+    their headers are read with range requests and the RemoteWeights returned."""
     from huggingface_hub import HfApi, snapshot_download
 
     # Same reason as the cache: pass endpoint and token explicitly, read at call time.
@@ -444,8 +497,44 @@ def _fetch_hub(
     if ADAPTER_CONFIG in top_level:
         config = download([ADAPTER_CONFIG], f"download {repo}@{commit[:12]} {ADAPTER_CONFIG}")
         check_adapter(config / ADAPTER_CONFIG)
+    elif stream and all(f.endswith(".safetensors") for f in weights):
+        support = sorted(set(wanted) - set(weights))
+        folder = download(support, f"download {repo}@{commit[:12]} support files")
+        folder.mkdir(parents=True, exist_ok=True)  # a repo of weights alone has none
+        remote = _stream_headers(repo, commit, folder, weights, endpoint, token, settings, on_event)
+        if remote is not None:
+            return folder, commit, remote
     folder = download(sorted(set(wanted)), f"download {repo}@{commit[:12]}")
-    return folder, commit
+    return folder, commit, None
+
+
+def _stream_headers(
+    repo: str,
+    commit: str,
+    folder: Path,
+    weights: list[str],
+    endpoint: str | None,
+    token: str | None,
+    settings: Settings,
+    on_event: EventSink | None,
+) -> RemoteWeights | None:
+    """Every weight file's header read with range requests, or None (after a job event)
+    when the server ignores Range: the caller then downloads the weights."""
+    from crucible.sources.remote import RangeNotSupported, RemoteWeights
+
+    remote = RemoteWeights(repo, commit, folder, endpoint, token, settings, on_event)
+    try:
+        for name in sorted(weights):
+            remote.read_header(name)
+    except RangeNotSupported as exc:
+        if on_event is not None:
+            on_event(
+                "stream_unavailable",
+                f"{repo}: {exc}; its weights are downloaded instead of streamed",
+                {"repo": repo, "commit": commit},
+            )
+        return None
+    return remote
 
 
 def _verify_downloads(folder: Path, names: list[str], settings: Settings) -> None:

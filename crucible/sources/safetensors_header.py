@@ -156,7 +156,17 @@ def _parse(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = fh.read(header_len)
     except OSError as exc:
         raise _corrupt(path, f"cannot be read ({exc.strerror or exc})") from exc
+    return parse_header_bytes(path, raw, file_size)
 
+
+def parse_header_bytes(
+    path: Path, raw: bytes, file_size: int
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate the JSON header `raw` (the bytes after the 8-byte length) of `path`, a file
+    of `file_size` bytes: (tensors, metadata). For headers read elsewhere than from a local
+    file (HTTP range reads, crucible/sources/remote.py); `path` names the file in errors
+    and in each TensorInfo."""
+    header_len = len(raw)
     try:
         text = raw.decode("utf-8")
         header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
