@@ -33,7 +33,7 @@ from crucible.methods.linalg import FLOAT64_MAX_DIM, FLOAT64_MAX_ELEMENTS
 from crucible.methods.overrides import count_layers, has_overrides, resolve_params
 from crucible.methods.registry import get_method
 from crucible.overlap import BackgroundWriter, Prefetcher
-from crucible.publish.writer import ShardedSafetensorsWriter
+from crucible.publish.writer import PlanItem, ShardedSafetensorsWriter
 from crucible.report import MergeReport
 from crucible.sources.layout import transposed_weights
 from crucible.sources.resolve import ResolvedModel
@@ -157,22 +157,39 @@ class ParamsFor:
         return resolve_params(self._request, self._cls, name, self._layers)
 
 
+def output_plan(spec: MergeSpec, base: ResolvedModel) -> tuple[list[str], list[PlanItem]]:
+    """The merged tensors in write order (base file order keeps reads sequential on disk)
+    and the writer's plan: (name, shape, output dtype code). Fixed by the headers alone, so
+    scale-out (crucible.split) partitions the output before anything is merged."""
+    file_order = {f: i for i, f in enumerate(base.weight_files)}
+    names = sorted(
+        base.tensors, key=lambda n: (file_order[base.tensors[n].file], base.tensors[n].start)
+    )
+    out_code = OUTPUT_CODES[spec.output.dtype] if spec.output.dtype else None
+    plan = [
+        (n, base.tensors[n].shape, out_code if out_code and t.dtype in FLOAT_CODES else t.dtype)
+        for n in names
+        for t in [base.tensors[n]]
+    ]
+    return names, plan
+
+
 def merge_model(
     spec: MergeSpec,
     inputs: MergeInputs,
     staging: Path,
     reporter: ProgressSink,
     device: torch.device,
+    only_shards: set[int] | None = None,
 ) -> tuple[dict[str, Any], MergeReport]:
-    """Merge every tensor into sharded safetensors under `staging`; (metrics, report)."""
+    """Merge every tensor into sharded safetensors under `staging`; (metrics, report).
+
+    `only_shards`: merge just the tensors of these output shards and write just those files
+    (one scale-out part, crucible.parts; no index, no per-expert outputs)."""
     base = inputs.base
     method = get_method(spec.method.name)
     weights = [ref.weight for ref in spec.experts]
-    # Base file order keeps reads sequential on disk.
-    file_order = {f: i for i, f in enumerate(base.weight_files)}
-    names = sorted(
-        base.tensors, key=lambda n: (file_order[base.tensors[n].file], base.tensors[n].start)
-    )
+    names, plan = output_plan(spec, base)
     params_for = ParamsFor(spec, method, names)
     transposed = transposed_weights(base.root, names) if method.matrix else frozenset()
     out_code = OUTPUT_CODES[spec.output.dtype] if spec.output.dtype else None
@@ -180,11 +197,14 @@ def merge_model(
     def planned_code(code: str) -> str:
         return out_code if (out_code and code in FLOAT_CODES) else code
 
-    plan = [(n, base.tensors[n].shape, planned_code(base.tensors[n].dtype)) for n in names]
     writer = ShardedSafetensorsWriter(
-        staging, plan, int(spec.output.shard_size), metadata={"format": "pt"}
+        staging, plan, int(spec.output.shard_size), {"format": "pt"}, only_shards
     )
     per_expert = _per_expert_writers(spec, inputs, names, staging, planned_code)
+    if only_shards is not None:
+        if per_expert:
+            raise ValueError("a scale-out part cannot write per-expert outputs")
+        names = writer.tensor_names()
     report = MergeReport(method.name, str(device))
     report.note("overrides", params_for.overridden)
     if transposed:

@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
@@ -34,9 +34,19 @@ from crucible.store import JobStore
 from crucible.tenant_limits import admit_input_bytes
 from crucible.webhooks import deliver
 
+if TYPE_CHECKING:
+    from crucible.engine import MergeInputs
+    from crucible.pipeline import MergeOutcome
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Scale-out (crucible.parts): (job id, owner, spec, inputs) -> True when the merge stage
+# was sent out as parts whose chord callback publishes.
+SplitHook = Callable[[str, str, MergeSpec, "MergeInputs"], bool]
+# The work of a part task or of the chord callback, run under the parent's owner name:
+# (job, spec, reporter, hub token) -> the outcome to publish, or None (a part).
+OwnedWork = Callable[[Job, MergeSpec, "StoreReporter", "str | None"], "MergeOutcome | None"]
 
 # Errors that mean "the disk (or the file-size limit) is full", wherever they surface.
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -232,9 +242,13 @@ def _finish(
     return status
 
 
-def execute_job(job_id: str, store: JobStore, settings: Settings) -> str | None:
+def execute_job(
+    job_id: str, store: JobStore, settings: Settings, split: SplitHook | None = None
+) -> str | None:
     """Run a delivered job to a terminal state; returns that status, or None when this
-    delivery did not run it (a duplicate, or the job is not runnable, or lost midway)."""
+    delivery did not run it (a duplicate, or the job is not runnable, or lost midway) or
+    handed its merge stage to scale-out parts (`split`; the job stays running under this
+    owner name, and the parts and their chord callback renew its lease and finish it)."""
     owner = worker_identity()
     job = _acquire(store, job_id, owner, settings)
     if job is None:
@@ -250,7 +264,43 @@ def execute_job(job_id: str, store: JobStore, settings: Settings) -> str | None:
     ) as lease:
         reporter = StoreReporter(store, job_id, settings, lease)
         try:
-            return _run(job, store, owner, settings, reporter, lease, output_dir)
+            return _run(job, store, owner, settings, reporter, lease, output_dir, split=split)
+        finally:
+            reporter.end_stage()
+
+
+def execute_owned(
+    job_id: str,
+    owner: str,
+    store: JobStore,
+    settings: Settings,
+    work: OwnedWork,
+    retry_on: Callable[[BaseException], bool] | None = None,
+) -> str | None:
+    """Run `work` for a job whose split parent left it running under `owner`: a scale-out
+    part (returns None) or the chord callback (returns the outcome, published here once,
+    as `execute_job` does). It renews the same lease; a job no longer running under
+    `owner` (finished, cancelled, or requeued after the lease ran out) is left alone.
+    `retry_on`: errors raised to the caller (a Celery retry of this part) instead of
+    failing the job."""
+    held = store_call(settings, "read ownership", store.ownership, job_id)
+    if held is None or held.status != "running" or held.worker != owner:
+        log.info("job %s is not running under %s any more; skipping", job_id, owner)
+        return None
+    if held.published_at is not None:
+        return _finish(store, job_id, owner, settings, "succeeded", result=held.result)
+    job = store_call(settings, "read job", store.get_job, job_id)
+    if job is None:
+        return None
+    with Heartbeat(
+        store, job_id, owner, settings.lease_seconds, settings.heartbeat_seconds
+    ) as lease:
+        reporter = StoreReporter(store, job_id, settings, lease)
+        try:
+            return _run(
+                job, store, owner, settings, reporter, lease, settings.job_output_dir(job_id),
+                work=work, retry_on=retry_on,
+            )  # fmt: skip
         finally:
             reporter.end_stage()
 
@@ -263,6 +313,9 @@ def _run(
     reporter: StoreReporter,
     lease: Heartbeat,
     output_dir: Path,
+    split: SplitHook | None = None,
+    work: OwnedWork | None = None,
+    retry_on: Callable[[BaseException], bool] | None = None,
 ) -> str | None:
     from crucible.pipeline import run_merge_job
 
@@ -275,15 +328,21 @@ def _run(
         datasets = {d: store.fetch_dataset(tenant, d) for d in spec.dataset_ids()}
         # The request's secrets, decrypted here only (the stored spec holds "***").
         secrets = load_job_secrets(store, job_id, settings)
-        outcome = run_merge_job(
-            spec,
-            output_dir,
-            settings,
-            reporter,
-            datasets,
-            hub_token=secrets.hub_token,
-            admit_inputs=lambda n: admit_input_bytes(store, job_id, n, settings),
-        )
+        if work is not None:
+            outcome = work(job, spec, reporter, secrets.hub_token)
+        else:
+            outcome = run_merge_job(
+                spec,
+                output_dir,
+                settings,
+                reporter,
+                datasets,
+                hub_token=secrets.hub_token,
+                admit_inputs=lambda n: admit_input_bytes(store, job_id, n, settings),
+                split=(lambda s, inputs: split(job_id, owner, s, inputs)) if split else None,
+            )
+        if outcome is None:  # merged by parts: their chord callback publishes
+            return None
         lease.check()
         uri = publish_output(
             outcome.output_dir,
@@ -311,6 +370,8 @@ def _run(
             return None
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt/SystemExit: the lease runs out, a reaper requeues
+        if retry_on is not None and retry_on(exc):
+            raise  # a scale-out part retried alone by Celery
         remove_output(output_dir)
         return _failed(store, job_id, owner, settings, exc)
     reporter.end_stage()

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # requests as the merge goes (no local copy). Jobs with a statistics or tuning stage,
     # which load whole models through transformers, and LoRA adapters still download.
     source_mode: Literal["download", "stream"] = "download"
+    # Scale-out (issue 8): a job whose inputs reach split_min_input_bytes has its merge
+    # stage split into at most split_max_parts parts (runs of whole output shards) that
+    # different workers merge: a Celery chord, Redis broker only. 1 part: never split.
+    split_min_input_bytes: int = Field(default=32 * 1024**3, ge=0)
+    split_max_parts: int = Field(default=4, ge=1)
     # Fernet key (urlsafe base64, 32 bytes) encrypting request secrets at rest. Unset in
     # embedded mode: a key is generated once under the data dir (mode 0600).
     secrets_key: SecretStr | None = None

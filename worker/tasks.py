@@ -10,10 +10,20 @@ from celery.signals import setup_logging
 
 import crucible.pipeline  # noqa: F401  (torch and the engine, loaded before the pool forks)
 from crucible.logs import bind_job, configure_logging
+from crucible.parts import (
+    ASSEMBLE_PARTS_TASK,
+    MERGE_PART_TASK,
+    chord_sender,
+    part_retryable,
+    run_assembly,
+    run_part,
+    split_hook,
+)
 from crucible.queue import RUN_MERGE_TASK
 from crucible.runner import execute_job, is_db_transient, store_call
 from crucible.secrets import check_secrets_key
 from crucible.settings import Settings, get_settings
+from crucible.split import chord_backend
 from crucible.store import JobStore
 from crucible.webhooks import DELIVER_WEBHOOK_TASK, deliver
 from worker.app import celery
@@ -22,6 +32,9 @@ from worker.app import celery
 # (At import, which the worker does at startup and re-raises; a worker_init signal's
 # exception would only be logged.)
 check_secrets_key(get_settings())
+# Scale-out chords count finished parts in a result backend: the Redis broker's own.
+if (_backend := chord_backend(get_settings())) is not None:
+    celery.conf.result_backend = _backend
 
 
 @setup_logging.connect
@@ -47,8 +60,9 @@ def _context() -> tuple[JobStore, Settings]:
 def run_merge(self: Task, job_id: str) -> str | None:
     try:
         store, settings = _context()
+        split = split_hook(store, settings, chord_sender(merge_part, assemble_parts))
         with bind_job(job_id):  # every log line of the job carries its id
-            return execute_job(job_id, store, settings)
+            return execute_job(job_id, store, settings, split=split)
     except Exception as exc:
         # The database stayed down longer than the store retries: send the task again
         # later rather than acknowledge it unrun (a queued job would wait forever; a
@@ -56,6 +70,42 @@ def run_merge(self: Task, job_id: str) -> str | None:
         if is_db_transient(exc):
             raise self.retry(exc=exc, countdown=DB_DOWN_RETRY_SECONDS, max_retries=None) from exc
         raise
+
+
+# Seconds before a failed part runs again (Celery retry of that part alone).
+PART_RETRY_SECONDS = 2
+
+
+@celery.task(
+    bind=True,
+    name=MERGE_PART_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=False,  # the chord counts its parts' results
+)
+def merge_part(
+    self: Task, job_id: str, owner: str, key: str, part: dict[str, int], total: int
+) -> str | None:
+    """One scale-out part of a job's merge stage (crucible.parts)."""
+    store, settings = _context()
+    may_retry = self.request.retries < settings.retry_attempts
+    with bind_job(job_id):
+        try:
+            return run_part(job_id, owner, key, part, total, store, settings, may_retry)
+        except Exception as exc:
+            if may_retry and part_retryable(exc):
+                raise self.retry(
+                    exc=exc, countdown=PART_RETRY_SECONDS, max_retries=settings.retry_attempts
+                ) from exc
+            raise
+
+
+@celery.task(name=ASSEMBLE_PARTS_TASK, acks_late=True)
+def assemble_parts(job_id: str, owner: str, key: str, count: int) -> str | None:
+    """The chord callback: assemble the parts' shards and publish (crucible.parts)."""
+    store, settings = _context()
+    with bind_job(job_id):
+        return run_assembly(job_id, owner, key, count, store, settings)
 
 
 @celery.task(name=DELIVER_WEBHOOK_TASK, acks_late=True)

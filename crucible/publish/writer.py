@@ -73,7 +73,11 @@ class ShardedSafetensorsWriter:
         plan: list[PlanItem],
         shard_size: int,
         metadata: dict[str, str] | None = None,
+        only_shards: set[int] | None = None,
     ) -> None:
+        """`only_shards`: write just these shards (a scale-out part, crucible.parts): the
+        layout is still the whole plan's, so each file is byte-identical to the one a full
+        run writes; `write()` takes only their tensors, `close()` writes no index."""
         if sys.byteorder != "little":  # safetensors is little-endian; we copy raw bytes
             raise RuntimeError("ShardedSafetensorsWriter needs a little-endian machine")
         if shard_size <= 0:
@@ -90,7 +94,14 @@ class ShardedSafetensorsWriter:
         for i, shard in enumerate(self._shards):
             shard.filename = shard_filename(i, len(self._shards))
             shard.header = self._header(shard)
-        self._next = 0
+        self._only = only_shards
+        # The tensors to write: the whole plan, or the (contiguous) range of the selected
+        # shards' entries (shards take consecutive plan entries).
+        chosen = [
+            i for i, e in enumerate(self._entries) if only_shards is None or e.shard in only_shards
+        ]
+        self._next = chosen[0] if chosen else len(self._entries)
+        self._end = chosen[-1] + 1 if chosen else len(self._entries)
         self._rows_done = 0  # rows of the current tensor written so far (block writes)
         self._open_shard: int | None = None
         self._fh: IO[bytes] | None = None
@@ -172,6 +183,24 @@ class ShardedSafetensorsWriter:
     def weight_map(self) -> dict[str, str]:
         return {e.name: self._shards[e.shard].filename for e in self._entries}
 
+    @property
+    def shard_files(self) -> list[tuple[str, int]]:
+        """(file name, file size in bytes) of every shard of the layout, in order."""
+        return [(s.filename, len(s.header) + s.data_len) for s in self._shards]
+
+    def tensor_names(self) -> list[str]:
+        """The tensors this writer takes, in order (only the selected shards' ones)."""
+        return [e.name for e in self._entries if self._only is None or e.shard in self._only]
+
+    def index_text(self) -> str:
+        """model.safetensors.index.json of the whole layout (written by close() when there
+        are several shards; by the scale-out assembly from the same layout)."""
+        index = {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        return json.dumps(index, indent=2) + "\n"
+
     # -------------------------------------------------------------- writing
 
     def _tmp_path(self, filename: str) -> Path:
@@ -209,7 +238,7 @@ class ShardedSafetensorsWriter:
         """
         if self._closed:
             raise RuntimeError("writer is closed")
-        if self._next >= len(self._entries):
+        if self._next >= self._end:
             raise ValueError(f"cannot write {name!r}: every tensor of the plan is written")
         entry = self._entries[self._next]
         if name != entry.name:
@@ -267,14 +296,16 @@ class ShardedSafetensorsWriter:
         """
         if self._closed:
             raise RuntimeError("writer is already closed")
-        if self._next != len(self._entries):
-            missing = [e.name for e in self._entries[self._next :]]
+        if self._next != self._end:
+            missing = [e.name for e in self._entries[self._next : self._end]]
             raise ValueError(
                 f"{len(missing)} planned tensors were not written, first {missing[0]!r}"
             )
         self._finish_shard()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for shard in self._shards:
+        for i, shard in enumerate(self._shards):
+            if self._only is not None and i not in self._only:
+                continue
             if shard.tmp_path is None:  # an empty plan: a header-only file
                 shard.tmp_path = self._tmp_path(shard.filename)
                 self._created.append(shard.tmp_path)
@@ -282,14 +313,10 @@ class ShardedSafetensorsWriter:
         pending: list[tuple[Path, Path]] = [
             (s.tmp_path, self.out_dir / s.filename) for s in self._shards if s.tmp_path
         ]
-        if len(self._shards) > 1:
-            index = {
-                "metadata": {"total_size": self.total_size},
-                "weight_map": dict(sorted(self.weight_map.items())),
-            }
+        if len(self._shards) > 1 and self._only is None:
             tmp = self._tmp_path(INDEX_FILE)
             self._created.append(tmp)
-            tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(self.index_text(), encoding="utf-8")
             pending.append((tmp, self.out_dir / INDEX_FILE))
         final: list[Path] = []
         for tmp, dest in pending:
