@@ -63,7 +63,8 @@ def run_merge_job(
     datasets: Mapping[str, DatasetHandle | None] | None = None,
     hub_token: str | None = None,
     admit_inputs: Callable[[int], None] | None = None,
-) -> MergeOutcome:
+    split: Callable[[MergeSpec, MergeInputs], bool] | None = None,
+) -> MergeOutcome | None:
     """Run the whole merge; the output appears at `output_dir` only when complete.
 
     `datasets`: the records of the dataset ids the spec references (None for an id the
@@ -72,6 +73,9 @@ def run_merge_job(
     spec itself only holds "***" in its place.
     `admit_inputs`: called with the job's input bytes once its models are resolved; it
     raises to refuse the job (the runner's per-tenant limit, crucible.tenant_limits).
+    `split`: called when the merge stage starts; True means it sent the merge out as parts
+    to other workers (crucible.parts), whose chord callback assembles and publishes: the
+    pipeline then stops here and returns None.
     """
     # A restarted job starts the merge cleanly: staging folders an earlier attempt left are
     # removed. Each attempt stages under its own name, so an attempt that lost its lease and
@@ -111,6 +115,9 @@ def run_merge_job(
             spec = tuned.spec
         reporter.check_cancelled()
         reporter.stage("merge")
+        if split is not None and split(spec, merge_inputs):
+            shutil.rmtree(staging, ignore_errors=True)
+            return None
         if spec.output.format == "lora":
             from crucible.adapter_merge import merge_to_adapter
 
