@@ -165,7 +165,7 @@ def test_stream_merge_equals_download_merge_and_leaves_no_weights_in_the_cache(
 
     assert _weights(outcome.output_dir) == expected  # byte for byte, every shard
     assert len(expected) >= 1
-    assert "stream_unavailable" not in reporter.kinds()
+    assert "stream_fallback" not in reporter.kinds()
     assert _weight_blobs(home) == []  # config/tokenizer only: no weights on disk
     assert (home / "hub" / f"models--{base.replace('/', '--')}" / "snapshots").is_dir()
     served = hub["ranges"].ranges
@@ -224,7 +224,7 @@ def test_a_server_that_ignores_range_falls_back_to_download(
     reporter = Recorder()
     outcome = run_merge_job(spec, tmp_path / "stream", _settings(tmp_path, "stream"), reporter)
     assert _weights(outcome.output_dir) == expected
-    fallbacks = [m for k, m, _ in reporter.events if k == "stream_unavailable"]
+    fallbacks = [m for k, m, _ in reporter.events if k == "stream_fallback"]
     assert len(fallbacks) == 3
     assert "answered HTTP 200 to a range request" in fallbacks[0]
     assert len(_weight_blobs(home)) == 6  # downloaded: 3 snapshot links + 3 blobs
@@ -298,7 +298,7 @@ def test_a_range_that_stays_truncated_fails_clearly(
             _settings(tmp_path, "stream", attempts=3),
             reporter,
         )
-    assert err.value.code == "source_unavailable"
+    assert err.value.code == "stream_unavailable"
     assert "model.safetensors in Hub repository 'org/" in err.value.message
     assert "TruncatedBody" in err.value.message and "after 3 attempts" in err.value.message
     assert err.value.detail["file"] == "model.safetensors"

@@ -15,14 +15,15 @@ full download and the inputs never touch the disk.
   retried with backoff, each retry a job event). The answer must be a 206 whose
   Content-Range is the range asked for and whose body has exactly that many bytes: a
   shorter body is `TruncatedBody`, a ConnectionError, so it is retried like a cut
-  connection. A failure that outlasts the policy is `source_unavailable` naming the file.
+  connection. A failure that outlasts the policy is `stream_unavailable` naming the file
+  and the byte range; an answer of 401/403/404 is `source_not_found` at once.
 - Small adjacent tensors (biases, norms) are fetched together: a read of a whole tensor
   under SMALL_READ_BYTES extends over the following small tensors of the file, up to
   COALESCE_BYTES, and the next reads are served from that window. Memory stays one window
   per open file plus the engine's own buffers (one tensor or block at a time).
 - A server that ignores Range (answers 200 with the whole file, e.g. olah serving local
   git repos) raises `RangeNotSupported` at the first header read; resolve then downloads
-  that model as in download mode and records an event.
+  that model as in download mode and records a `stream_fallback` event.
 
 Not checked in stream mode: the whole-file hash (download mode hashes every file); each
 range is length-checked and the header is validated as for a local file.
@@ -230,8 +231,12 @@ class HttpRangeFile:
         policy = retrying(settings, what, retry_events(settings, what, self.hub.on_event))
         try:
             return policy(self._get, offset, view, up_to_eof)
-        except (CrucibleError, RangeNotSupported):
+        except CrucibleError:
             raise
+        except RangeNotSupported as exc:
+            if up_to_eof:  # the header probe: resolve falls back to downloading
+                raise
+            raise self._failure(exc, offset, len(view)) from exc
         except Exception as exc:
             raise self._failure(exc, offset, len(view)) from exc
 
@@ -296,7 +301,7 @@ class HttpRangeFile:
             return CrucibleError("source_not_found", f"{where}: HTTP {status}", detail)
         tries = f", after {self.hub.settings.retry_attempts} attempts" if is_transient(exc) else ""
         return CrucibleError(
-            "source_unavailable", f"could not read {where} ({describe_error(exc)}{tries})", detail
+            "stream_unavailable", f"could not read {where} ({describe_error(exc)}{tries})", detail
         )
 
 

@@ -529,7 +529,7 @@ def _stream_headers(
     except RangeNotSupported as exc:
         if on_event is not None:
             on_event(
-                "stream_unavailable",
+                "stream_fallback",
                 f"{repo}: {exc}; its weights are downloaded instead of streamed",
                 {"repo": repo, "commit": commit},
             )
