@@ -6,6 +6,7 @@ whole model (DARE's seeded masks included)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def check_partition(sizes: list[int], k: int) -> None:
     assert len(parts) == min(k, len(sizes))
     # Contiguous, in order, every shard exactly once.
     assert parts[0].first == 0 and parts[-1].stop == len(sizes)
-    for a, b in zip(parts, parts[1:], strict=False):
+    for a, b in itertools.pairwise(parts):
         assert a.stop == b.first
     assert all(p.first < p.stop for p in parts)
     assert [p.index for p in parts] == list(range(len(parts)))

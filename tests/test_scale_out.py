@@ -1,0 +1,275 @@
+"""Scale-out with real processes: one job's merge stage split into parts that two Celery
+worker processes (prefork) merge, on a PostgreSQL cluster and a Redis of the test's own
+(Redis is both the broker and the chord's result backend), uvicorn in front.
+
+Every test ends with the job `succeeded` and output files that hash exactly like a
+single-worker, in-process run of the same merge (README.md, whose metrics carry timings,
+left out), with the part files removed.
+
+Failure injection for the retry test: a file `jobs/<id>/parts/fail-once-<index>` under the
+artifact folder makes that part fail once with a retryable error (crucible.parts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from crucible.pipeline import run_merge_job
+from crucible.settings import Settings
+from crucible.spec import MergeSpec
+from crucible.store import JobStore
+from tests.support.faults import (
+    OwnPostgres,
+    OwnRedis,
+    PatientClient,
+    Processes,
+    file_hashes,
+    make_slow_family,
+    wait_until,
+)
+from tests.support.reporters import QuietReporter
+
+pytestmark = pytest.mark.e2e
+
+SHARD_SIZE = 3_000_000  # the ~25 MB model in about 9 shards
+
+
+@dataclass
+class Family:
+    root: Path
+    base: Path
+    experts: list[Path]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    root = tmp_path_factory.mktemp("models")
+    base, experts = make_slow_family(root / "slow")
+    return Family(root, base, experts)
+
+
+def spec_of(family: Family) -> dict[str, Any]:
+    return {
+        "base": {"uri": family.base.as_uri()},
+        "experts": [
+            {"uri": e.as_uri(), "weight": w}
+            for e, w in zip(family.experts, [1.0, 0.6], strict=True)
+        ],
+        "method": {"name": "ties", "params": {"density": 0.5, "scale": 1.0}},
+        "output": {"dtype": "float32", "shard_size": SHARD_SIZE},
+    }
+
+
+@pytest.fixture(scope="module")
+def single(family: Family, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """File hashes of the merge run on one worker, in process (never split)."""
+    work = tmp_path_factory.mktemp("single")
+    settings = Settings(data_dir=work / "data", allowed_local_dirs=[family.root])
+    spec = MergeSpec.model_validate(spec_of(family))
+    done = run_merge_job(spec, work / "out", settings, QuietReporter())
+    assert done is not None
+    hashes = file_hashes(done.output_dir)
+    assert sum(name.endswith(".safetensors") for name in hashes) >= 6
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[OwnPostgres]:
+    pg = OwnPostgres().init()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@dataclass
+class Service:
+    procs: Processes
+    db_url: str
+    key: str
+    artifacts: Path
+
+    def client(self) -> PatientClient:
+        return PatientClient(self.procs.base_url, self.key, 180)
+
+    def worker_pids(self) -> dict[int, str]:
+        """The Celery main process pid of each running worker -> its name."""
+        return {p.pid: n for n, p in self.procs.procs.items() if n.startswith("worker")}
+
+    def attempts(self, job_id: str) -> int:
+        store = JobStore(self.db_url, self.artifacts)
+        try:
+            held = store.ownership(job_id)
+        finally:
+            store.close()
+        assert held is not None
+        return held.attempts
+
+
+@contextmanager
+def service(work: Path, postgres: OwnPostgres, family: Family, **env: str) -> Iterator[Service]:
+    """API + two Celery workers (concurrency 1 each) that split every job into 2 parts."""
+    db_url = postgres.create_database(f"scale_{secrets.token_hex(4)}")
+    redis = OwnRedis(work / "redis").start()
+    artifacts = work / "data" / "artifacts"
+    base_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/root"),
+        "CRUCIBLE_DATA_DIR": str(work / "data"),
+        "CRUCIBLE_ARTIFACTS_DIR": str(artifacts),
+        "CRUCIBLE_DATABASE_URL": db_url,
+        "CRUCIBLE_BROKER_URL": redis.url,
+        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(family.root)]),
+        "CRUCIBLE_SECRETS_KEY": Fernet.generate_key().decode(),
+        "CRUCIBLE_DEVICE": "cpu",
+        "CRUCIBLE_SPLIT_MIN_INPUT_BYTES": "1",
+        "CRUCIBLE_SPLIT_MAX_PARTS": "2",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    procs = Processes(base_env, work / "logs")
+    try:
+        key = procs.crucible("keys", "create", "--tenant", "acme").strip()
+        procs.start_api()
+        procs.start_worker("worker-0")
+        procs.start_worker("worker-1")
+        yield Service(procs, db_url, key, artifacts)
+    except BaseException:
+        print(procs.logs())
+        raise
+    finally:
+        procs.stop_all()
+        redis.stop()
+
+
+def submit(client: PatientClient, spec: dict[str, Any]) -> str:
+    resp = client.request("POST", "/v1/merges", json=spec)
+    assert resp.status_code in (200, 201, 202), resp.text
+    return str(resp.json()["id"])
+
+
+def events(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e for e in job["events"] if e["kind"] == kind]
+
+
+def assert_identical_output(svc: Service, job: dict[str, Any], single: dict[str, str]) -> Path:
+    """Succeeded, the output hashes like the single-worker run, the result lists the files
+    on disk, and only the output is left in the job's folder (the part files are gone)."""
+    assert job["status"] == "succeeded", job
+    job_dir = svc.artifacts / "jobs" / job["id"]
+    assert sorted(p.name for p in job_dir.iterdir()) == ["output"]
+    out = job_dir / "output"
+    assert file_hashes(out) == single
+    assert {f["path"]: f["sha256"] for f in job["result"]["files"]} == file_hashes(out, card=True)
+    assert job["result"]["metrics"]["parts"] == 2
+    assert job["progress"]["unit"] == "steps"  # the publish stage ran in the callback
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, postgres: OwnPostgres, family: Family
+) -> Iterator[Service]:
+    with service(tmp_path_factory.mktemp("shared"), postgres, family) as svc:
+        yield svc
+
+
+def test_a_job_split_across_two_workers_gives_the_single_worker_output(
+    shared: Service, family: Family, single: dict[str, str]
+) -> None:
+    client = shared.client()
+    job_id = submit(client, spec_of(family))
+    job = client.wait(job_id, timeout=600)
+    assert_identical_output(shared, job, single)
+    (split,) = events(job, "split")
+    parts = split["data"]["parts"]
+    assert len(parts) == 2 and parts[0]["first"] == 0
+    assert parts[0]["stop"] == parts[1]["first"]
+    done = events(job, "part_done")
+    assert sorted(e["data"]["index"] for e in done) == [0, 1]
+    # Each part ran on a different worker process.
+    pids = shared.worker_pids()
+    assert {pids[e["data"]["worker_pid"]] for e in done} == {"worker-0", "worker-1"}, done
+    assert shared.attempts(job_id) == 1
+
+
+def test_a_failed_part_is_retried_alone(
+    shared: Service, family: Family, single: dict[str, str]
+) -> None:
+    client = shared.client()
+    job_id = submit(client, spec_of(family))
+    trigger = shared.artifacts / "jobs" / job_id / "parts" / "fail-once-1"
+    trigger.parent.mkdir(parents=True, exist_ok=True)
+    trigger.touch()  # before the parent plans (it still resolves three models)
+    job = client.wait(job_id, timeout=600)
+    out = assert_identical_output(shared, job, single)
+    assert not trigger.exists()
+    started = events(job, "part_started")
+    assert sorted(e["data"]["index"] for e in started) == [0, 1, 1], started
+    assert sorted(e["data"]["index"] for e in events(job, "part_done")) == [0, 1]
+    assert shared.attempts(job_id) == 1  # retried as a task, not a requeued job
+    # Part 0's shard files were written by its one run and never after it was done (the
+    # output files are hard links to them: same mtime), while part 1 failed and ran again.
+    (split,) = events(job, "split")
+    first, stop = split["data"]["parts"][0]["first"], split["data"]["parts"][0]["stop"]
+    done_at = {
+        e["data"]["index"]: datetime.fromisoformat(e["at"]).timestamp()
+        for e in events(job, "part_done")
+    }
+    shards = sorted(out.glob("model-*.safetensors"))
+    part0, part1 = shards[first:stop], shards[stop:]
+    assert part0 and part1
+    assert all(p.stat().st_mtime <= done_at[0] for p in part0), done_at
+    failed_at = min(
+        datetime.fromisoformat(e["at"]).timestamp() for e in started if e["data"]["index"] == 1
+    )
+    assert all(p.stat().st_mtime > failed_at for p in part1)
+
+
+def test_sigkill_of_a_worker_mid_part_still_ends_with_the_same_output(
+    tmp_path: Path, postgres: OwnPostgres, family: Family, single: dict[str, str]
+) -> None:
+    lease = {
+        "CRUCIBLE_LEASE_SECONDS": "3",
+        "CRUCIBLE_HEARTBEAT_SECONDS": "1",
+        "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
+    }
+    with service(tmp_path, postgres, family, **lease) as svc:
+        client = svc.client()
+        job_id = submit(client, spec_of(family))
+
+        def both_started() -> list[dict[str, Any]] | None:
+            job = client.request("GET", f"/v1/merges/{job_id}").json()
+            assert job["status"] in ("queued", "running"), job
+            started = events(job, "part_started")
+            return started if len({e["data"]["index"] for e in started}) == 2 else None
+
+        started = wait_until(both_started, 300, "both parts to start", every=0.05)
+        victim = started[0]["data"]
+        pids = svc.worker_pids()
+        name = pids[victim["worker_pid"]]
+        svc.procs.kill(name, signal.SIGKILL)  # the worker and its pool child
+        job = client.wait(job_id, timeout=600)
+        assert_identical_output(svc, job, single)
+        done = events(job, "part_done")
+        # The killed part never finished there; the surviving worker merged it after the
+        # reaper requeued the job, and the part it had finished was not merged again.
+        assert not [e for e in done if e["data"]["worker_pid"] == victim["worker_pid"]], done
+        redone = [e for e in done if e["data"]["index"] == victim["index"]]
+        assert len(redone) == 1 and redone[0]["data"]["worker_pid"] in svc.worker_pids()
+        assert sorted(e["data"]["index"] for e in done) == [0, 1]
+        assert [e["data"]["index"] for e in events(job, "part_skipped")] == [1 - victim["index"]]
+        assert "requeued" in [e["kind"] for e in job["events"]]
+        assert svc.attempts(job_id) == 2
