@@ -234,8 +234,16 @@ def test_idempotency_key(app_client: TestClient, keys: dict) -> None:
     assert err["detail"]["job_id"] == first.json()["id"]
     # The key is per tenant: another tenant may use the same key for its own job.
     h2 = {**_auth(keys["globex"]), "Idempotency-Key": "k-1"}
-    assert app_client.post("/v1/merges", json=other, headers=h2).status_code == 202
-    assert len(_queued_task_ids(app_client)) == 2
+    second = app_client.post("/v1/merges", json=other, headers=h2)
+    assert second.status_code == 202
+    # The retry of a job still queued sends its task again (the first request may have died
+    # between storing the job and sending it; a second delivery is a no-op for the worker).
+    job_id = first.json()["id"]
+    assert _queued_task_ids(app_client) == [[job_id], [job_id], [second.json()["id"]]]
+    # A job no longer queued is not sent again.
+    assert app_client.post(f"/v1/merges/{job_id}/cancel", headers=h).status_code == 200
+    assert app_client.post("/v1/merges", json=SPEC, headers=h).status_code == 200
+    assert _queued_task_ids(app_client) == []
 
 
 def test_list_filters_and_paginates(app_client: TestClient, keys: dict) -> None:

@@ -164,9 +164,7 @@ def _job_from_row(row: JobRow, events: Sequence[JobEvent] = ()) -> Job:
     )
 
 
-class JobStore(
-    ApiKeyMixin, DatasetMixin, TrialMixin, EventReadMixin, JobMetricsMixin, LeaseMixin
-):
+class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin, EventReadMixin, JobMetricsMixin, LeaseMixin):
     """Jobs, job events, API keys, datasets and tuning trials in one SQL database (SQLite
     file or PostgreSQL). Dataset blobs live under ``artifacts_root`` (the settings' one
     when not given)."""
@@ -303,9 +301,17 @@ class JobStore(
     # -- jobs -------------------------------------------------------------------------------
 
     def create_job(
-        self, tenant: str, spec: dict[str, Any], spec_digest: str, idempotency_key: str | None
+        self,
+        tenant: str,
+        spec: dict[str, Any],
+        spec_digest: str,
+        idempotency_key: str | None,
+        secrets: str | None = None,
     ) -> tuple[Job, bool]:
-        """A new queued job, or the one this tenant already made with the same key and body."""
+        """A new queued job, or the one this tenant already made with the same key and body.
+
+        `secrets`: the request's encrypted secrets, stored in the same INSERT (an API that
+        dies right after it never leaves a job without its Hub token or webhook secret)."""
         try:
             with self._tx(write=True) as session:
                 if idempotency_key is not None:
@@ -327,6 +333,7 @@ class JobStore(
                     result=None,
                     error=None,
                     created_at=now_utc(),
+                    secrets=secrets,
                 )
                 session.add(row)
                 session.flush()

@@ -180,7 +180,7 @@ def submit_merge(
     ciphertext = encrypt_secrets(secrets, settings)
     try:
         job, created = store.create_job(
-            tenant, spec.model_dump(mode="json"), spec.digest(), idempotency_key
+            tenant, spec.model_dump(mode="json"), spec.digest(), idempotency_key, ciphertext
         )
     except IdempotencyConflict as exc:
         raise ApiError(
@@ -192,14 +192,16 @@ def submit_merge(
     response.headers["Location"] = f"/v1/merges/{job.id}"
     if not created:
         response.status_code = 200
+        if job.status == "queued":
+            # The first request may have died between storing the job and sending its task;
+            # sending it again is safe (a second delivery of a claimed job is a no-op).
+            _resend(request, job.id)
         return job
     active = over_job_slots(store, tenant, slots)
     if active is not None:  # a concurrent submit took the last slot first
         refused = too_many_jobs(slots, active)
         store.finish(job.id, "failed", error={"code": refused.code, "message": refused.message})
         raise refused
-    if ciphertext is not None:
-        store.set_job_secrets(job.id, ciphertext)
     try:
         enqueue_merge(request.app.state.celery, job.id)
     except Exception as exc:
@@ -213,6 +215,14 @@ def submit_merge(
             {"job_id": job.id},
         ) from None
     return job
+
+
+def _resend(request: Request, job_id: str) -> None:
+    """Send a queued job's task again; if the broker is down the reaper resends it later."""
+    try:
+        enqueue_merge(request.app.state.celery, job_id)
+    except Exception as exc:
+        log.warning("resend of %s failed: %s", job_id, type(exc).__name__)
 
 
 @router.get("", response_model=JobPage, responses=_ERRORS)
