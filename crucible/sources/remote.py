@@ -261,6 +261,11 @@ class HttpRangeFile:
                     f"{self.file.name}: the server answered HTTP {response.status_code} "
                     "to a range request"
                 )
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):  # the bytes would not be the file's
+                raise RangeNotSupported(
+                    f"{self.file.name}: the server compressed a range answer ({encoding})"
+                )
             first, stop, total = _content_range(response.headers.get("Content-Range"))
             expected = len(view)
             if total is not None and up_to_eof:
