@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PIP_FLAGS ?= -q
 
-.PHONY: setup test-deps demo test lint openapi bench-memory bench-quality clean
+.PHONY: setup test-deps demo test lint openapi bench-memory bench-throughput bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ openapi: setup
 
 bench-memory: setup
 	$(VENV)/bin/python bench/memory.py
+
+# Crucible vs mergekit 0.1.5 vs the disk floor on base + 4 Llama-shaped experts of 1.29 GB
+# (bf16; generated once into $$CRUCIBLE_BENCH_THROUGHPUT_CACHE or
+# ~/.cache/crucible/bench-throughput, 6.5 GB); writes bench/throughput/RESULTS.md.
+# Cold-cache runs drop the page cache (root) or fadvise the inputs out.
+bench-throughput: setup .venv-mergekit/.installed
+	$(VENV)/bin/python bench/throughput/run.py --runs 3 --cache both $(BENCH_ARGS)
 
 # Real fine-tuned MiniLM experts on fortunes tasks (generated once, ~30 min on 2 CPU cores,
 # cached in $$CRUCIBLE_BENCH_CACHE or ~/.cache/crucible/bench-quality), every method through

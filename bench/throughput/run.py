@@ -78,6 +78,7 @@ CHUNK = 16 * 2**20
 class Measure:
     wall: float
     rss: int
+    cpu: float = 0.0  # user + system seconds of the child tree: less sensitive to load
 
 
 @dataclass
@@ -94,6 +95,10 @@ class Row:
     @property
     def rss(self) -> int:
         return int(statistics.median(m.rss for m in self.runs))
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(m.cpu for m in self.runs)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -136,7 +141,7 @@ def run_child(argv: list[str], env: dict[str, str], log: Path) -> Measure:
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}:\n{tail}")
-    return Measure(wall, max(peak, usage.ru_maxrss * 1024))
+    return Measure(wall, max(peak, usage.ru_maxrss * 1024), usage.ru_utime + usage.ru_stime)
 
 
 def drop_cache(files: list[Path]) -> str:
@@ -169,7 +174,7 @@ def read_all(files: list[Path]) -> int:
 def floor(files: list[Path], out_bytes: int, out: Path) -> Measure:
     """dd-style: read every input once, write `out_bytes` to `out` and fsync it."""
     os.sync()
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     read_all(files)
     block = bytes(CHUNK)
     with out.open("wb", buffering=0) as fh:
@@ -179,7 +184,7 @@ def floor(files: list[Path], out_bytes: int, out: Path) -> Measure:
         os.fsync(fh.fileno())
     wall = time.perf_counter() - start
     out.unlink()
-    return Measure(wall, psutil.Process().memory_info().rss)
+    return Measure(wall, psutil.Process().memory_info().rss, time.process_time() - cpu0)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -381,8 +386,8 @@ def report(
         "",
         "| cache | method | floor s | crucible s | mergekit s | crucible GB/s | mergekit GB/s "
         "| crucible/mergekit | crucible/floor | crucible RSS MiB | mergekit RSS MiB | "
-        "RSS ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "RSS ratio | crucible CPU s | mergekit CPU s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cache in ["warm", "cold"]:
         fl = rows.get(("floor", "-", cache))
@@ -400,16 +405,36 @@ def report(
                 f"{f(mk and mk.wall)} | {f(cr and gb / cr.wall)} | {f(mk and gb / mk.wall)} | "
                 f"{f(cr and mk and cr.wall / mk.wall)} | {f(cr and fl and cr.wall / fl.wall)} | "
                 f"{f(cr and cr.rss / 2**20, '.0f')} | {f(mk and mk.rss / 2**20, '.0f')} | "
-                f"{f(cr and mk and cr.rss / mk.rss)} |"
+                f"{f(cr and mk and cr.rss / mk.rss)} | {f(cr and cr.cpu, '.1f')} | "
+                f"{f(mk and mk.cpu, '.1f')} |"
             )
+    lines += ["", "Targets (issue 8; ratios are of wall times, 0.5 = twice as fast):", ""]
+    for method in args.methods:
+        cr, mk = rows.get(("crucible", method, "warm")), rows.get(("mergekit", method, "warm"))
+        fl = rows.get(("floor", "-", "warm"))
+        if cr is None or mk is None:
+            continue
+        ties_like = method in ("ties", "dare_ties")
+        want = 0.25 if ties_like else 0.5
+        parts = [
+            f"crucible/mergekit {cr.wall / mk.wall:.2f} <= {want}: "
+            f"{'met' if cr.wall / mk.wall <= want else 'MISSED'}",
+            f"RSS {cr.rss / mk.rss:.2f} <= 0.5: {'met' if cr.rss <= mk.rss / 2 else 'MISSED'}",
+            f"(CPU time crucible/mergekit {cr.cpu / max(mk.cpu, 1e-9):.2f})",
+        ]
+        if not ties_like and fl is not None:
+            ratio = cr.wall / fl.wall
+            verdict = "met" if ratio <= 1.5 else "MISSED"
+            parts.append(f"crucible/floor {ratio:.2f} <= 1.5: {verdict}")
+        lines.append(f"- warm {method}: " + "; ".join(parts))
     if checks:
         lines += ["", "Crucible vs mergekit outputs (" + ", ".join(COMPARE) + "):", ""]
         lines += ["| method | max abs diff | entries off by > 1 bf16 ulp |", "|---|---:|---:|"]
         for method, (worst, share) in checks.items():
             lines.append(f"| {method} | {worst:.3g} | {share:.4%} |")
-    lines += ["", "All runs (wall s / peak RSS MiB):", ""]
+    lines += ["", "All runs (wall s / peak RSS MiB / CPU s):", ""]
     for row in rows.values():
-        runs = ", ".join(f"{m.wall:.2f}/{m.rss / 2**20:.0f}" for m in row.runs)
+        runs = ", ".join(f"{m.wall:.2f}/{m.rss / 2**20:.0f}/{m.cpu:.1f}" for m in row.runs)
         lines.append(f"- {row.cache} {row.tool} {row.method}: {runs}")
     return "\n".join(lines)
 
