@@ -281,8 +281,7 @@ def main() -> None:
     mk_dtype = args.mergekit_dtype or {"BF16": "bfloat16", "F32": "float32"}[v.dtype]
     mk_exe = ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
-    work = cache_root() / "work"
-    shutil.rmtree(work, ignore_errors=True)
+    work = cache_root() / f"work-{os.getpid()}"  # concurrent runs must not share it
     work.mkdir(parents=True)
     env = child_env(work)
     for method in args.methods:
@@ -339,9 +338,7 @@ def main() -> None:
             checks[method] = compare(
                 work / f"out-crucible-{method}", work / f"out-mergekit-{method}"
             )
-    for method in args.methods:
-        for tool in ("crucible", "mergekit"):
-            shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
 
     text = report(
         v, args, rows, checks, input_bytes, out_bytes, mk_dtype, evict_how,
