@@ -173,6 +173,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         fault = self._take_fault()
         if fault is not None and fault.kind == "status":
+            # Recorded before answering: the client may check the count as soon as it reads.
+            self._record(fault.status, fault)
             body = b'{"error": "injected by FlakyProxy"}'
             self.send_response(fault.status)
             self.send_header("Content-Type", "application/json")
@@ -180,7 +182,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
-            self._record(fault.status, fault)
             return
         status, headers, body = self._forward()
         self._record(status, fault)
