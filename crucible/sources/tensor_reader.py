@@ -117,9 +117,7 @@ class TensorReader:
             out = (b if rows is None else b[rows[0] : rows[1]]) @ a
         return out.contiguous().mul_(lora.scaling)
 
-    def read_into(
-        self, name: str, rows: tuple[int, int] | None, out: torch.Tensor
-    ) -> torch.Tensor:
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: torch.Tensor) -> torch.Tensor:
         """The stored tensor `name` (or rows of it), read into the front of the uint8 tensor
         `out` and returned as a view of it: no allocation, so a caller can reuse buffers.
         The bytes as stored: an adapter's ΔW is not added."""
