@@ -337,7 +337,7 @@ class WebhookSpec(_Strict):
     )
     secret: WriteOnlySecret = Field(
         description="HMAC-SHA256 key of the signature, 16 to 1024 characters. Write-only: "
-        "stored encrypted, shown as \"***\" in every response."
+        'stored encrypted, shown as "***" in every response.'
     )
 
     @field_validator("url")
@@ -379,7 +379,7 @@ class MergeSpec(_Strict):
         default=None,
         description=(
             "A Hugging Face token used for every hf:// source (and an hf:// output). "
-            "Write-only: stored encrypted, shown as \"***\" in every response."
+            'Write-only: stored encrypted, shown as "***" in every response.'
         ),
     )
     webhook: WebhookSpec | None = Field(
