@@ -99,7 +99,12 @@ class StoreReporter:
         self._stage_started = time.monotonic()
         self._call("set stage", self._store.set_progress, self._job_id, name, 0, 0, "")
         self._call(
-            "add event", self._store.add_event, self._job_id, "stage", f"stage {name} started"
+            "add event",
+            self._store.add_event,
+            self._job_id,
+            "stage",
+            f"stage {name} started",
+            {"stage": name},
         )
         self._last_progress = time.monotonic()
 
