@@ -332,9 +332,13 @@ def test_full_output_disk_fails_with_disk_full_and_leaves_nothing(
 def test_cancel_mid_merge_stops_the_worker_and_removes_the_partial_output(
     tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
 ) -> None:
+    # A merge long enough on a quiet machine (the engine got faster) that the cancel, which
+    # goes through the database and the worker's poll, lands before the last tensor:
+    # ~64M parameters per model.
+    big = make_slow_family(families.root / "big", n_layer=12, n_embd=512)
     with service(tmp_path, postgres, families) as svc:
         client = svc.client()
-        job_id = submit(client, spec_of(families.slow, TIES))
+        job_id = submit(client, spec_of(big, TIES))
         mid_merge(client, job_id)
         asked = time.monotonic()
         resp = client.request("POST", f"/v1/merges/{job_id}/cancel")

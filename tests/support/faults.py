@@ -38,11 +38,15 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # --------------------------------------------------------------------------- models
 
 
-def make_slow_family(root: Path, n_experts: int = 2, seed: int = 11) -> tuple[Path, list[Path]]:
+def make_slow_family(
+    root: Path, n_experts: int = 2, seed: int = 11, n_layer: int = 8, n_embd: int = 256
+) -> tuple[Path, list[Path]]:
     """A GPT-2 with 8 layers of width 256 (~100 tensors, 25 MB) and fine-tunes of it: a
-    TIES merge of it takes several seconds here, so a fault can land mid-merge."""
+    TIES merge of it takes a few seconds here, so a fault can land mid-merge. Larger
+    `n_layer`/`n_embd` for faults that need a longer merge (a cancel goes through the
+    database and the worker's cancel poll)."""
     torch.manual_seed(seed)
-    config = GPT2Config(**{**TINY_GPT2, "n_layer": 8, "n_embd": 256, "n_head": 4})
+    config = GPT2Config(**{**TINY_GPT2, "n_layer": n_layer, "n_embd": n_embd, "n_head": 4})
     model = GPT2LMHeadModel(config).eval()
     base = root / "base"
     model.save_pretrained(base)
