@@ -137,13 +137,3 @@ def check_job_slots(store: JobStore, tenant: str, limit: int, idempotency_key: s
     if idempotency_key is not None and _has_key(store, tenant, idempotency_key):
         return
     raise too_many_jobs(limit, active)
-
-
-def over_job_slots(store: JobStore, tenant: str, limit: int) -> int | None:
-    """After a job is created: the active count when it exceeds `limit`, else None.
-
-    Two submits racing past `check_job_slots` both count after their insert is
-    committed; the later one sees both, so the limit is never exceeded (at worst both are
-    refused, and the caller retries)."""
-    active = active_jobs(store, tenant)
-    return active if active > limit else None

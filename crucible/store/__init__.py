@@ -7,8 +7,16 @@ from crucible.store.job_store import (
     EVENTS_PER_JOB,
     IdempotencyConflict,
     JobStore,
+    TooManyJobs,
     alembic_config,
     head_revision,
 )
 
-__all__ = ["EVENTS_PER_JOB", "IdempotencyConflict", "JobStore", "alembic_config", "head_revision"]
+__all__ = [
+    "EVENTS_PER_JOB",
+    "IdempotencyConflict",
+    "JobStore",
+    "TooManyJobs",
+    "alembic_config",
+    "head_revision",
+]

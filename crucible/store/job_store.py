@@ -59,6 +59,14 @@ _MIGRATION_LOCK_KEY = int.from_bytes(
 )
 
 
+class TooManyJobs(Exception):
+    """The tenant already has `max_active` queued or running jobs."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(active)
+        self.active = active
+
+
 class IdempotencyConflict(Exception):
     """The tenant already used this idempotency key for a different request body."""
 
@@ -307,17 +315,36 @@ class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin, EventReadMixin, JobMetrics
         spec_digest: str,
         idempotency_key: str | None,
         secrets: str | None = None,
+        max_active: int | None = None,
     ) -> tuple[Job, bool]:
         """A new queued job, or the one this tenant already made with the same key and body.
 
         `secrets`: the request's encrypted secrets, stored in the same INSERT (an API that
-        dies right after it never leaves a job without its Hub token or webhook secret)."""
+        dies right after it never leaves a job without its Hub token or webhook secret).
+
+        `max_active`: TooManyJobs when the tenant already has that many queued or running
+        jobs. Count and insert are serialised per tenant (a PostgreSQL advisory lock; SQLite
+        write transactions are serial), so racing submits never exceed the limit and never
+        refuse each other below it."""
         try:
             with self._tx(write=True) as session:
                 if idempotency_key is not None:
                     existing = self._idempotent_match(session, tenant, idempotency_key, spec_digest)
                     if existing is not None:
                         return existing, False
+                if max_active is not None:
+                    if session.get_bind().dialect.name == "postgresql":
+                        session.execute(
+                            text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                            {"key": f"crucible-job-slots:{tenant}"},
+                        )
+                    active = session.execute(
+                        select(func.count())
+                        .select_from(JobRow)
+                        .where(JobRow.tenant == tenant, JobRow.status.in_(("queued", "running")))
+                    ).scalar_one()
+                    if active >= max_active:
+                        raise TooManyJobs(int(active))
                 row = JobRow(
                     id=new_job_id(),
                     tenant=tenant,

@@ -19,13 +19,13 @@ from crucible.secrets import JobSecrets, encrypt_secrets
 from crucible.settings import Settings
 from crucible.sources.uri import parse_uri
 from crucible.spec import REDACTED, Job, JobPage, JobStatus, MergeSpec
-from crucible.store import IdempotencyConflict, JobStore
+from crucible.store import IdempotencyConflict, JobStore, TooManyJobs
 from crucible.store.datasets import best_trial
 from crucible.webhook_url import resolve_target
 from crucible.webhooks import enqueue_delivery, has_webhook
 from service.auth import Tenant
 from service.errors import ApiError
-from service.limits import check_job_slots, over_job_slots, too_many_jobs
+from service.limits import check_job_slots, too_many_jobs
 from service.storable import UNSTORABLE_MESSAGE, PathId, first_unstorable
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,15 @@ def submit_merge(
     ciphertext = encrypt_secrets(secrets, settings)
     try:
         job, created = store.create_job(
-            tenant, spec.model_dump(mode="json"), spec.digest(), idempotency_key, ciphertext
+            tenant,
+            spec.model_dump(mode="json"),
+            spec.digest(),
+            idempotency_key,
+            ciphertext,
+            max_active=slots,
         )
+    except TooManyJobs as exc:  # a concurrent submit took the last slot first
+        raise too_many_jobs(slots, exc.active) from None
     except IdempotencyConflict as exc:
         raise ApiError(
             409,
@@ -197,11 +204,6 @@ def submit_merge(
             # sending it again is safe (a second delivery of a claimed job is a no-op).
             _resend(request, job.id)
         return job
-    active = over_job_slots(store, tenant, slots)
-    if active is not None:  # a concurrent submit took the last slot first
-        refused = too_many_jobs(slots, active)
-        store.finish(job.id, "failed", error={"code": refused.code, "message": refused.message})
-        raise refused
     try:
         enqueue_merge(request.app.state.celery, job.id)
     except Exception as exc:
