@@ -47,6 +47,7 @@ from crucible.cli import worker_argv  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.postgres import throwaway_postgres_url  # noqa: E402
 from tests.support.redis_server import private_redis  # noqa: E402
+from tests.support.stack import uvicorn_argv  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- load.py: begin -->", "<!-- load.py: end -->"
@@ -231,20 +232,12 @@ def service(work: Path, args: argparse.Namespace) -> Iterator[tuple[str, str, di
         port = free_port()
         logs = work / "logs"
         logs.mkdir()
-        api_argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "service.app:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
+        api_argv = uvicorn_argv(
+            port,
             "--workers",
             str(args.api_workers),
             "--no-access-log",
-        ]
+        )
         procs = [_spawn(api_argv, env, logs / "api.log")]
         # In production workers run on GPU machines, not the API's; here they share 2 cores,
         # so the worker runs at a lower priority (--worker-nice) to measure the API, not the

@@ -33,6 +33,7 @@ from crucible.engine import (
     ProgressSink,
     merge_blocks,
     merge_matrix,
+    open_readers,
 )
 from crucible.lowrank import (
     Spectrum,
@@ -141,13 +142,7 @@ def merge_to_adapter(
     started = time.perf_counter()
     try:
         with ExitStack() as stack:
-            base_reader = stack.enter_context(TensorReader(base))
-            readers = [stack.enter_context(TensorReader(e)) for e in inputs.experts]
-            gram_readers = (
-                [stack.enter_context(TensorReader(g)) for g in inputs.grams]
-                if inputs.grams
-                else None
-            )
+            base_reader, readers, gram_readers = open_readers(stack, inputs)
             zero = _DeltaView(base_reader, None)
             views = [_DeltaView(base_reader, r) for r in readers]
 

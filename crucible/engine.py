@@ -240,13 +240,7 @@ def merge_model(
     )
     try:
         with ExitStack() as stack:
-            base_reader = stack.enter_context(TensorReader(base))
-            readers = [stack.enter_context(TensorReader(e)) for e in inputs.experts]
-            gram_readers = (
-                [stack.enter_context(TensorReader(g)) for g in inputs.grams]
-                if inputs.grams
-                else None
-            )
+            base_reader, readers, gram_readers = open_readers(stack, inputs)
             chunks: Prefetcher[Chunk] | None = None
             if streamed:
                 # One compute thread: the prefetch and writer threads use the other core.
@@ -366,6 +360,17 @@ def check_finite(name: str, merged: torch.Tensor) -> None:
             f"the merge of tensor {name!r} produced NaN or infinite values",
             {"tensor": name},
         )
+
+
+def open_readers(
+    stack: ExitStack, inputs: MergeInputs
+) -> tuple[TensorReader, list[TensorReader], list[TensorReader] | None]:
+    """Readers of the base, each expert and (when the job has them) each Gram folder,
+    closed with `stack`."""
+    base_reader = stack.enter_context(TensorReader(inputs.base))
+    readers = [stack.enter_context(TensorReader(e)) for e in inputs.experts]
+    grams = [stack.enter_context(TensorReader(g)) for g in inputs.grams] if inputs.grams else None
+    return base_reader, readers, grams
 
 
 def merge_blocks(

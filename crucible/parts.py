@@ -39,8 +39,13 @@ from crucible.device import compute_device
 from crucible.engine import MergeInputs, merge_model, output_plan
 from crucible.errors import CrucibleError
 from crucible.methods.registry import get_method
-from crucible.pipeline import MergeOutcome, _report_events, _resolve, _write_support_files
-from crucible.publish.files import file_manifest, sha256_file
+from crucible.pipeline import (
+    MergeOutcome,
+    _report_events,
+    _resolve,
+    publish_staged,
+)
+from crucible.publish.files import new_staging, sha256_file
 from crucible.publish.writer import INDEX_FILE, ShardedSafetensorsWriter
 from crucible.report import MergeReport
 from crucible.retry import is_transient
@@ -271,33 +276,19 @@ def assemble_work(key: str, count: int, settings: Settings) -> OwnedWork:
         reporter.stage("publish")
         reporter.progress(0, 2, "steps")
         inputs, records, writer = _resolved(spec, settings, reporter, hub_token, key)
-        staging = output_dir.with_name(f"{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-        staging.mkdir(parents=True)
+        staging = new_staging(output_dir)
         try:
             parts = _verified_parts(artifacts, job.id, key, count, writer, staging)
             if writer.shard_count > 1:
                 (staging / INDEX_FILE).write_text(writer.index_text(), encoding="utf-8")
             report, metrics = _combined(parts, spec)
             _report_events(report, reporter)
-            _write_support_files(spec, inputs.base, records, report, staging, metrics)
-            reporter.progress(1, 2, "steps")
-            reporter.check_cancelled()
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            staging.rename(output_dir)
-            reporter.progress(2, 2, "steps")
+            return publish_staged(
+                spec, inputs.base, records, report, metrics, staging, output_dir, reporter
+            )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        files = file_manifest(output_dir)
-        reporter.event("published", f"wrote {len(files)} files", {"path": str(output_dir)})
-        return MergeOutcome(
-            output_dir=output_dir,
-            files=files,
-            inputs=records,
-            metrics=metrics,
-            report=report.as_dict(),
-        )
 
     return work
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,7 +17,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from crucible.device import compute_device
 from crucible.engine import MergeInputs, merge_model
 from crucible.errors import CrucibleError
-from crucible.publish.files import copy_support_files, file_manifest
+from crucible.publish.files import (
+    copy_support_files,
+    file_manifest,
+    new_staging,
+    remove_staging,
+)
 from crucible.publish.model_card import render_model_card
 from crucible.report import REPORT_FILE, MergeReport
 from crucible.settings import Settings
@@ -80,11 +84,8 @@ def run_merge_job(
     # A restarted job starts the merge cleanly: staging folders an earlier attempt left are
     # removed. Each attempt stages under its own name, so an attempt that lost its lease and
     # cleans up after itself never removes the folder of the attempt that took over.
-    if output_dir.parent.is_dir():
-        for stale in output_dir.parent.glob(f"{output_dir.name}.partial*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = output_dir.with_name(f"{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
+    remove_staging(output_dir)
+    staging = new_staging(output_dir)
     try:
         device = compute_device(settings.device)
         found = _datasets(spec, datasets or {})
@@ -132,17 +133,34 @@ def run_merge_job(
             metrics["tuning"] = tuned.score_published(staging, reporter)
         reporter.stage("publish")
         reporter.progress(0, 2, "steps")
-        _write_support_files(spec, merge_inputs.base, inputs, report, staging, metrics)
-        reporter.progress(1, 2, "steps")
-        # Last look before the output becomes visible: a cancel or a lost lease stops here.
-        reporter.check_cancelled()
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-        reporter.progress(2, 2, "steps")
+        return publish_staged(
+            spec, merge_inputs.base, inputs, report, metrics, staging, output_dir, reporter
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def publish_staged(
+    spec: MergeSpec,
+    base: ResolvedModel,
+    inputs: list[dict[str, Any]],
+    report: MergeReport,
+    metrics: dict[str, Any],
+    staging: Path,
+    output_dir: Path,
+    reporter: Reporter,
+) -> MergeOutcome:
+    """Support files and model card into `staging`, then `staging` renamed into place (the
+    publish stage's steps 1 and 2); the caller removes `staging` if this raises."""
+    _write_support_files(spec, base, inputs, report, staging, metrics)
+    reporter.progress(1, 2, "steps")
+    # Last look before the output becomes visible: a cancel or a lost lease stops here.
+    reporter.check_cancelled()
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staging.rename(output_dir)
+    reporter.progress(2, 2, "steps")
     files = file_manifest(output_dir)
     reporter.event("published", f"wrote {len(files)} files", {"path": str(output_dir)})
     return MergeOutcome(

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 
 from crucible.errors import CrucibleError, JobCancelled
 from crucible.lease import Heartbeat, LeaseLost, worker_identity
+from crucible.publish.files import remove_staging
 from crucible.publish.sinks import publish_output
 from crucible.retry import retrying
 from crucible.secrets import load_job_secrets
@@ -174,9 +175,7 @@ def on_terminal(store: JobStore, job_id: str, settings: Settings) -> None:
 def remove_output(output_dir: Path) -> None:
     """A failed or cancelled job leaves nothing: the output and every staging folder."""
     shutil.rmtree(output_dir, ignore_errors=True)
-    if output_dir.parent.is_dir():
-        for staging in output_dir.parent.glob(f"{output_dir.name}.partial*"):
-            shutil.rmtree(staging, ignore_errors=True)
+    remove_staging(output_dir)
 
 
 def disk_full(exc: BaseException) -> OSError | None:

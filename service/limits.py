@@ -1,4 +1,5 @@
-"""The API's own limits: request body size and per-tenant concurrent jobs.
+"""The API's own limits: request body size, and the answer for per-tenant concurrent jobs
+(counted by `JobStore.create_job` in the insert's transaction).
 
 Every refusal names the setting that sets the limit, so a caller knows what was exceeded
 and an operator knows what to raise. (Per-job caps on experts, trials and samples are
@@ -11,10 +12,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from sqlalchemy import func, select
-
-from crucible.store import JobStore
-from crucible.store.models import JobRow
 from service.errors import ApiError, error_response
 
 Scope = MutableMapping[str, Any]
@@ -22,8 +19,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-ACTIVE_STATUSES = ("queued", "running")
 
 
 class RequestSizeLimit:
@@ -98,25 +93,6 @@ def _content_length(scope: Scope) -> int | None:
 # ----------------------------------------------------------------------------- jobs
 
 
-def active_jobs(store: JobStore, tenant: str) -> int:
-    """The tenant's queued and running jobs."""
-    query = (
-        select(func.count())
-        .select_from(JobRow)
-        .where(JobRow.tenant == tenant, JobRow.status.in_(ACTIVE_STATUSES))
-    )
-    with store.engine.connect() as conn:
-        return int(conn.execute(query).scalar_one())
-
-
-def _has_key(store: JobStore, tenant: str, idempotency_key: str) -> bool:
-    query = select(JobRow.id).where(
-        JobRow.tenant == tenant, JobRow.idempotency_key == idempotency_key
-    )
-    with store.engine.connect() as conn:
-        return conn.execute(query.limit(1)).first() is not None
-
-
 def too_many_jobs(limit: int, active: int) -> ApiError:
     return ApiError(
         429,
@@ -125,15 +101,3 @@ def too_many_jobs(limit: int, active: int) -> ApiError:
         "(max_concurrent_jobs_per_tenant): wait for one to finish",
         {"limit": limit, "setting": "max_concurrent_jobs_per_tenant", "active": active},
     )
-
-
-def check_job_slots(store: JobStore, tenant: str, limit: int, idempotency_key: str | None) -> None:
-    """Before a job is created: refuse when the tenant already has `limit` active jobs. A
-    retry under an Idempotency-Key that already has a job is let through (it creates
-    nothing: the existing job, or a 409, is the answer)."""
-    active = active_jobs(store, tenant)
-    if active < limit:
-        return
-    if idempotency_key is not None and _has_key(store, tenant, idempotency_key):
-        return
-    raise too_many_jobs(limit, active)

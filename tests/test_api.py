@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from crucible.settings import Settings
 from service.app import create_app
+from tests.support.memory_broker import drain_tasks
 
 SPEC: dict[str, Any] = {
     "base": {"uri": "hf://org/base", "revision": "main"},
@@ -55,20 +56,9 @@ def _error(resp: Any, status: int, code: str) -> dict[str, Any]:
 
 
 def _queued_task_ids(client: TestClient) -> list[list[Any]]:
-    celery = client.app.state.celery  # type: ignore[attr-defined]
-    found = []
-    with celery.connection_for_read() as conn:
-        queue = conn.SimpleQueue("gpu")
-        while True:
-            try:
-                msg = queue.get(timeout=0.05)
-            except queue.Empty:
-                break
-            assert msg.headers["task"] == "crucible.run_merge"
-            found.append(msg.decode()[0])
-            msg.ack()
-        queue.close()
-    return found
+    tasks = drain_tasks(client)
+    assert all(name == "crucible.run_merge" for name, _ in tasks), tasks
+    return [body[0] for _, body in tasks]
 
 
 def test_submit_queues_a_job_and_enqueues_it_by_name(app_client: TestClient, keys: dict) -> None:

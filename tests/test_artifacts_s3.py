@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from crucible.store import JobStore
 from tests.support.postgres import throwaway_postgres_url
 from tests.support.redis_server import private_redis
 from tests.support.s3 import S3Server, s3_server
-from tests.support.stack import Stack
+from tests.support.stack import Stack, uvicorn_argv
 from tests.support.tiny_models import make_bert_classifier_family, tiny_texts
 
 BUCKET = "artifacts"
@@ -189,20 +188,7 @@ class _Split:
         from crucible.cli import worker_argv
 
         self.api.crucible("keys", "list")  # migrates before two processes start
-        self.api._spawn(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "service.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.api.port),
-            ],
-        )
+        self.api._spawn("api", uvicorn_argv(self.api.port))
         self.worker._spawn("worker", worker_argv(concurrency=1, pool="prefork", loglevel="info"))
         self.api.wait_ready()
 

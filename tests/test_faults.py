@@ -8,33 +8,28 @@ partial output left.
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
 
 from crucible.pipeline import run_merge_job
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
-from crucible.store import JobStore
 from tests.support.faults import (
     OwnPostgres,
-    OwnRedis,
     PatientClient,
-    Processes,
+    Service,
     file_hashes,
     make_slow_family,
+    service,
     small_folder,
+    submit,
     wait_until,
 )
 from tests.support.reporters import QuietReporter
@@ -99,70 +94,6 @@ def postgres() -> Iterator[OwnPostgres]:
         pg.destroy()
 
 
-@dataclass
-class Service:
-    procs: Processes
-    redis: OwnRedis
-    postgres: OwnPostgres
-    db_url: str
-    key: str
-    artifacts: Path
-
-    def client(self, patience: float = 120) -> PatientClient:
-        return PatientClient(self.procs.base_url, self.key, patience)
-
-    def store(self) -> JobStore:
-        return JobStore(self.db_url, self.artifacts)
-
-
-@contextmanager
-def service(
-    work: Path,
-    postgres: OwnPostgres,
-    families: Families,
-    workers: int = 1,
-    artifacts: Path | None = None,
-    **env: str,
-) -> Iterator[Service]:
-    """API + `workers` Celery workers on a new database of our cluster and our Redis."""
-    db_url = postgres.create_database(f"faults_{secrets.token_hex(4)}")
-    redis = OwnRedis(work / "redis").start()
-    artifacts = artifacts or work / "data" / "artifacts"
-    base_env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", "/root"),
-        "CRUCIBLE_DATA_DIR": str(work / "data"),
-        "CRUCIBLE_ARTIFACTS_DIR": str(artifacts),
-        "CRUCIBLE_DATABASE_URL": db_url,
-        "CRUCIBLE_BROKER_URL": redis.url,
-        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(families.root)]),
-        "CRUCIBLE_SECRETS_KEY": Fernet.generate_key().decode(),
-        "CRUCIBLE_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        **env,
-    }
-    procs = Processes(base_env, work / "logs")
-    try:
-        key = procs.crucible("keys", "create", "--tenant", "acme").strip()  # also migrates
-        procs.start_api()
-        for i in range(workers):
-            procs.start_worker(f"worker-{i}")
-        yield Service(procs, redis, postgres, db_url, key, artifacts)
-    except BaseException:
-        print(procs.logs())
-        raise
-    finally:
-        procs.stop_all()
-        redis.stop()
-
-
-def submit(client: PatientClient, spec: dict[str, Any], key: str | None = None) -> str:
-    headers = {"Idempotency-Key": key} if key else {}
-    resp = client.request("POST", "/v1/merges", json=spec, headers=headers)
-    assert resp.status_code in (200, 201, 202), resp.text
-    return str(resp.json()["id"])
-
-
 def mid_merge(client: PatientClient, job_id: str) -> dict[str, Any]:
     """Wait until the job is in its merge stage with some, not all, tensors written."""
 
@@ -208,7 +139,7 @@ def test_sigkill_of_the_worker_mid_merge_a_second_worker_finishes(
         "CRUCIBLE_HEARTBEAT_SECONDS": "1",
         "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
     }
-    with service(tmp_path, postgres, families, **lease) as svc:
+    with service(tmp_path, postgres, families.root, **lease) as svc:
         client = svc.client()
         job_id = submit(client, spec_of(families.slow, TIES))
         at_kill = mid_merge(client, job_id)
@@ -230,7 +161,7 @@ def test_sigkill_of_the_worker_mid_merge_a_second_worker_finishes(
 def test_redis_restart_while_jobs_are_queued_and_running(
     tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
 ) -> None:
-    with service(tmp_path, postgres, families) as svc:
+    with service(tmp_path, postgres, families.root) as svc:
         client = svc.client()
         running = submit(client, spec_of(families.slow, TIES))
         queued = [submit(client, spec_of(families.tiny, {"name": "linear"})) for _ in range(2)]
@@ -255,7 +186,7 @@ def test_api_restart_while_clients_poll(
     # The API can die between storing a job and sending its task: the workers' reapers
     # send the task of a job left queued again after CRUCIBLE_QUEUED_RESEND_SECONDS.
     resend = {"CRUCIBLE_QUEUED_RESEND_SECONDS": "5", "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1"}
-    with service(tmp_path, postgres, families, **resend) as svc:
+    with service(tmp_path, postgres, families.root, **resend) as svc:
         results: dict[int, dict[str, Any]] = {}
         errors: list[BaseException] = []
 
@@ -293,7 +224,7 @@ def test_api_restart_while_clients_poll(
 def test_postgres_restart_while_a_job_runs(
     tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
 ) -> None:
-    with service(tmp_path, postgres, families) as svc:
+    with service(tmp_path, postgres, families.root) as svc:
         client = svc.client(patience=180)
         job_id = submit(client, spec_of(families.slow, TIES))
         mid_merge(client, job_id)
@@ -313,7 +244,7 @@ def test_full_output_disk_fails_with_disk_full_and_leaves_nothing(
 ) -> None:
     with (
         small_folder(tmp_path / "small", 4 * 1024 * 1024) as small,
-        service(tmp_path, postgres, families, artifacts=small) as svc,
+        service(tmp_path, postgres, families.root, artifacts=small) as svc,
     ):
         client = svc.client()
         job_id = submit(client, spec_of(families.slow, TIES))  # ~25 MB of output
@@ -336,7 +267,7 @@ def test_cancel_mid_merge_stops_the_worker_and_removes_the_partial_output(
     # goes through the database and the worker's poll, lands before the last tensor:
     # ~64M parameters per model.
     big = make_slow_family(families.root / "big", n_layer=12, n_embd=512)
-    with service(tmp_path, postgres, families) as svc:
+    with service(tmp_path, postgres, families.root) as svc:
         client = svc.client()
         job_id = submit(client, spec_of(big, TIES))
         mid_merge(client, job_id)

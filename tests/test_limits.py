@@ -33,9 +33,9 @@ from crucible.store import JobStore
 from crucible.store.models import JobRow
 from crucible.tenant_limits import admit_input_bytes
 from service.app import create_app
-from service.limits import active_jobs
 from tests.support.ports import free_port
 from tests.support.postgres import throwaway_postgres_url
+from tests.support.stack import uvicorn_argv
 from tests.support.tiny_models import make_gpt2_family
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -225,10 +225,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         port = free_port()
         log = (work / "api.log").open("wb")
         proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"),
-                *("--host", "127.0.0.1", "--port", str(port)),
-            ],
+            uvicorn_argv(port),
             env=env,
             cwd=REPO_ROOT,
             stdout=log,
@@ -307,7 +304,7 @@ def test_concurrent_submits_never_exceed_the_job_limit(api: dict[str, Any]) -> N
             assert r.json()["error"]["code"] == "too_many_jobs"
     store = JobStore(api["db"], Path("/nonexistent"))
     try:
-        assert active_jobs(store, "racer") == accepted
+        assert store.active_jobs("racer") == accepted
     finally:
         store.close()
 

@@ -12,9 +12,6 @@ artifact folder makes that part fail once with a retryable error (crucible.parts
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,19 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
 
 from crucible.pipeline import run_merge_job
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
-from crucible.store import JobStore
+from tests.support import faults
 from tests.support.faults import (
     OwnPostgres,
-    OwnRedis,
-    PatientClient,
-    Processes,
+    Service,
     file_hashes,
     make_slow_family,
+    submit,
     wait_until,
 )
 from tests.support.reporters import QuietReporter
@@ -94,70 +89,12 @@ def postgres() -> Iterator[OwnPostgres]:
         pg.destroy()
 
 
-@dataclass
-class Service:
-    procs: Processes
-    db_url: str
-    key: str
-    artifacts: Path
-
-    def client(self) -> PatientClient:
-        return PatientClient(self.procs.base_url, self.key, 180)
-
-    def worker_pids(self) -> dict[int, str]:
-        """The Celery main process pid of each running worker -> its name."""
-        return {p.pid: n for n, p in self.procs.procs.items() if n.startswith("worker")}
-
-    def attempts(self, job_id: str) -> int:
-        store = JobStore(self.db_url, self.artifacts)
-        try:
-            held = store.ownership(job_id)
-        finally:
-            store.close()
-        assert held is not None
-        return held.attempts
-
-
 @contextmanager
 def service(work: Path, postgres: OwnPostgres, family: Family, **env: str) -> Iterator[Service]:
     """API + two Celery workers (concurrency 1 each) that split every job into 2 parts."""
-    db_url = postgres.create_database(f"scale_{secrets.token_hex(4)}")
-    redis = OwnRedis(work / "redis").start()
-    artifacts = work / "data" / "artifacts"
-    base_env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", "/root"),
-        "CRUCIBLE_DATA_DIR": str(work / "data"),
-        "CRUCIBLE_ARTIFACTS_DIR": str(artifacts),
-        "CRUCIBLE_DATABASE_URL": db_url,
-        "CRUCIBLE_BROKER_URL": redis.url,
-        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(family.root)]),
-        "CRUCIBLE_SECRETS_KEY": Fernet.generate_key().decode(),
-        "CRUCIBLE_DEVICE": "cpu",
-        "CRUCIBLE_SPLIT_MIN_INPUT_BYTES": "1",
-        "CRUCIBLE_SPLIT_MAX_PARTS": "2",
-        "HF_HUB_OFFLINE": "1",
-        **env,
-    }
-    procs = Processes(base_env, work / "logs")
-    try:
-        key = procs.crucible("keys", "create", "--tenant", "acme").strip()
-        procs.start_api()
-        procs.start_worker("worker-0")
-        procs.start_worker("worker-1")
-        yield Service(procs, db_url, key, artifacts)
-    except BaseException:
-        print(procs.logs())
-        raise
-    finally:
-        procs.stop_all()
-        redis.stop()
-
-
-def submit(client: PatientClient, spec: dict[str, Any]) -> str:
-    resp = client.request("POST", "/v1/merges", json=spec)
-    assert resp.status_code in (200, 201, 202), resp.text
-    return str(resp.json()["id"])
+    split = {"CRUCIBLE_SPLIT_MIN_INPUT_BYTES": "1", "CRUCIBLE_SPLIT_MAX_PARTS": "2"}
+    with faults.service(work, postgres, family.root, workers=2, **{**split, **env}) as svc:
+        yield svc
 
 
 def events(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -189,7 +126,7 @@ def shared(
 def test_a_job_split_across_two_workers_gives_the_single_worker_output(
     shared: Service, family: Family, single: dict[str, str]
 ) -> None:
-    client = shared.client()
+    client = shared.client(180)
     job_id = submit(client, spec_of(family))
     job = client.wait(job_id, timeout=600)
     assert_identical_output(shared, job, single)
@@ -208,7 +145,7 @@ def test_a_job_split_across_two_workers_gives_the_single_worker_output(
 def test_a_failed_part_is_retried_alone(
     shared: Service, family: Family, single: dict[str, str]
 ) -> None:
-    client = shared.client()
+    client = shared.client(180)
     job_id = submit(client, spec_of(family))
     trigger = shared.artifacts / "jobs" / job_id / "parts" / "fail-once-1"
     trigger.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +184,7 @@ def test_sigkill_of_a_worker_mid_part_still_ends_with_the_same_output(
         "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
     }
     with service(tmp_path, postgres, family, **lease) as svc:
-        client = svc.client()
+        client = svc.client(180)
         job_id = submit(client, spec_of(family))
 
         def both_started() -> list[dict[str, Any]] | None:

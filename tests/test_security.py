@@ -27,7 +27,6 @@ import hmac
 import json
 import re
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +39,6 @@ from celery import Celery
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 
-from crucible.cli import worker_argv
 from tests.support.flaky_proxy import FlakyProxy
 from tests.support.olah import OlahServer, hub_env
 from tests.support.postgres import throwaway_postgres_url
@@ -65,8 +63,8 @@ class TokenRecordingProxy(FlakyProxy):
 
     def start(self) -> TokenRecordingProxy:
         super().start()
-        assert self._server is not None
-        handler = self._server.RequestHandlerClass  # a class of this proxy's own
+        assert self._served is not None
+        handler = self._served.server.RequestHandlerClass  # a class of this proxy's own
         seen = self.authorizations = []
         forward = handler._handle  # type: ignore[attr-defined]
 
@@ -128,26 +126,8 @@ class RedisMonitor:
 class DebugStack(Stack):
     """The service's processes with every log at DEBUG."""
 
-    def start(self) -> DebugStack:
-        self.crucible("keys", "list")  # migrate before two processes start
-        self._spawn(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "service.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "debug",
-            ],
-        )
-        self._spawn("worker", worker_argv(concurrency=1, pool="prefork", loglevel="debug"))
-        self.wait_ready()
+    def start(self, log_level: str | None = "debug") -> DebugStack:
+        super().start(log_level)
         return self
 
 

@@ -42,6 +42,7 @@ from crucible.store import JobStore
 from crucible.webhook_url import resolve_target
 from crucible.webhooks import _post, deliver
 from service.app import create_app
+from tests.support.memory_broker import drain_tasks
 from tests.support.receiver import WebhookReceiver
 
 SECRET = "whsec-0123456789abcdef-test"
@@ -416,21 +417,11 @@ def test_redaction_marker_is_not_a_token(api: TestClient) -> None:
 
 
 def _sent_tasks(api: TestClient) -> list[tuple[str, list[Any]]]:
-    """The tasks in kombu's in-memory broker (one per process: earlier tests' too)."""
-    celery = api.app.state.celery  # type: ignore[attr-defined]
-    tasks = []
-    with celery.connection_for_read() as conn:
-        queue = conn.SimpleQueue("gpu")
-        while True:
-            try:
-                msg = queue.get(timeout=0.05)
-            except queue.Empty:
-                break
-            tasks.append((msg.headers["task"], msg.decode()[0]))
-            assert SECRET not in json.dumps(msg.decode())
-            msg.ack()
-        queue.close()
-    return tasks
+    """(task name, args) of the tasks the API sent; no message carries the secret."""
+    tasks = drain_tasks(api)
+    for _, body in tasks:
+        assert SECRET not in json.dumps(body)
+    return [(name, body[0]) for name, body in tasks]
 
 
 def test_cancel_of_a_queued_job_sends_the_webhook_task(api: TestClient) -> None:

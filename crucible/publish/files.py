@@ -6,6 +6,7 @@ import fnmatch
 import hashlib
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,17 @@ def file_manifest(out_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return sorted(entries, key=lambda e: e["path"])
+
+
+def remove_staging(output_dir: Path) -> None:
+    """Every attempt's staging folder next to `output_dir`."""
+    if output_dir.parent.is_dir():
+        for staging in output_dir.parent.glob(f"{output_dir.name}.partial*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def new_staging(output_dir: Path) -> Path:
+    """A fresh staging folder next to `output_dir`, named for this attempt alone."""
+    staging = output_dir.with_name(f"{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    return staging

@@ -40,7 +40,7 @@ from crucible.store.cursors import decode_cursor, encode_cursor, new_job_id
 from crucible.store.datasets import DatasetMixin, TrialMixin
 from crucible.store.events import EventReadMixin
 from crucible.store.job_metrics import JobMetricsMixin
-from crucible.store.leases import LeaseMixin
+from crucible.store.leases import LeaseMixin, update_one
 from crucible.store.models import JobEventRow, JobRow, now_utc
 
 __all__ = ["JobStore", "decode_cursor", "encode_cursor", "new_job_id"]
@@ -57,6 +57,12 @@ _IMMEDIATE = "crucible_sqlite_immediate"
 _MIGRATION_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"crucible.store.migrate").digest()[:8], "big", signed=True
 )
+
+
+def _active_jobs(session: Session, tenant: str) -> int:
+    query = select(func.count()).select_from(JobRow)
+    query = query.where(JobRow.tenant == tenant, JobRow.status.in_(("queued", "running")))
+    return int(session.execute(query).scalar_one())
 
 
 class TooManyJobs(Exception):
@@ -338,13 +344,9 @@ class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin, EventReadMixin, JobMetrics
                             text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                             {"key": f"crucible-job-slots:{tenant}"},
                         )
-                    active = session.execute(
-                        select(func.count())
-                        .select_from(JobRow)
-                        .where(JobRow.tenant == tenant, JobRow.status.in_(("queued", "running")))
-                    ).scalar_one()
+                    active = _active_jobs(session, tenant)
                     if active >= max_active:
-                        raise TooManyJobs(int(active))
+                        raise TooManyJobs(active)
                 row = JobRow(
                     id=new_job_id(),
                     tenant=tenant,
@@ -376,6 +378,11 @@ class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin, EventReadMixin, JobMetrics
                 raise
             return existing, False
         return job, True
+
+    def active_jobs(self, tenant: str) -> int:
+        """The tenant's queued and running jobs."""
+        with self._tx() as session:
+            return _active_jobs(session, tenant)
 
     def get_job(self, job_id: str, tenant: str | None = None) -> Job | None:
         """The job; with a tenant, another tenant's job is None (as if it did not exist)."""
@@ -547,14 +554,16 @@ class JobStore(ApiKeyMixin, DatasetMixin, TrialMixin, EventReadMixin, JobMetrics
         error_doc = None
         if error is not None:
             error_doc = JobError.model_validate(error).model_dump(mode="json")
-        conditions = [JobRow.id == job_id, JobRow.status.in_(("queued", "running"))]
+        conditions = [JobRow.status.in_(("queued", "running"))]
         if owner is not None:
             conditions.append(JobRow.worker == owner)
         with self._tx(write=True) as session:
-            done = session.execute(
-                update(JobRow)
-                .where(*conditions)
-                .values(status=status, result=result_doc, error=error_doc, finished_at=now_utc())
-                .execution_options(synchronize_session=False)
+            return update_one(
+                session,
+                job_id,
+                *conditions,
+                status=status,
+                result=result_doc,
+                error=error_doc,
+                finished_at=now_utc(),
             )
-            return bool(done.rowcount == 1)  # type: ignore[attr-defined]

@@ -47,6 +47,18 @@ def _last_sent() -> ColumnElement[datetime]:
     return func.coalesce(JobRow.heartbeat_at, JobRow.created_at)
 
 
+def update_one(session: Session, job_id: str, *where: Any, **values: Any) -> bool:
+    """UPDATE the job `job_id` where every condition holds; True when it changed one row
+    (the caller won the race), False when the conditions no longer held."""
+    done = session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, *where)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def worker_lost_error(attempts: int) -> dict[str, Any]:
     return {
         "code": WORKER_LOST,
@@ -72,23 +84,17 @@ class LeaseMixin:
         attempts left; None when the lease is live, attempts are spent, or it is not running."""
         now = now_utc()
         with self._tx(write=True) as session:
-            taken = session.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == job_id,
-                    JobRow.status == "running",
-                    lease_expired(now),
-                    JobRow.attempts < max_attempts,
-                )
-                .values(
-                    worker=worker,
-                    attempts=JobRow.attempts + 1,
-                    heartbeat_at=now,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if taken.rowcount != 1:  # type: ignore[attr-defined]
+            if not update_one(
+                session,
+                job_id,
+                JobRow.status == "running",
+                lease_expired(now),
+                JobRow.attempts < max_attempts,
+                worker=worker,
+                attempts=JobRow.attempts + 1,
+                heartbeat_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+            ):
                 return None
             return self._get(session, job_id)
 
@@ -97,13 +103,14 @@ class LeaseMixin:
         (finished, or requeued by a reaper after the lease ran out)."""
         now = now_utc()
         with self._tx(write=True) as session:
-            renewed = session.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status == "running", JobRow.worker == worker)
-                .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
-                .execution_options(synchronize_session=False)
+            return update_one(
+                session,
+                job_id,
+                JobRow.status == "running",
+                JobRow.worker == worker,
+                heartbeat_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
             )
-            return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
 
     def ownership(self, job_id: str) -> Ownership | None:
         with self._tx() as session:
@@ -149,19 +156,17 @@ class LeaseMixin:
         expired lease stays in the row: `unrequeue` uses it to tell this job from a new one."""
         now = now_utc()
         with self._tx(write=True) as session:
-            done = session.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == job_id,
-                    JobRow.status == "running",
-                    lease_expired(now),
-                    JobRow.attempts < max_attempts,
-                )
-                # heartbeat_at of a queued job: when its task was last sent.
-                .values(status="queued", worker=None, heartbeat_at=now)
-                .execution_options(synchronize_session=False)
+            # heartbeat_at of a queued job: when its task was last sent.
+            return update_one(
+                session,
+                job_id,
+                JobRow.status == "running",
+                lease_expired(now),
+                JobRow.attempts < max_attempts,
+                status="queued",
+                worker=None,
+                heartbeat_at=now,
             )
-            return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
     def stale_queued_jobs(self, older_than: float, limit: int = 100) -> list[str]:
         """Queued jobs whose task was sent (or that were created) over `older_than` s ago."""
@@ -180,30 +185,22 @@ class LeaseMixin:
         now = now_utc()
         cutoff = now - timedelta(seconds=older_than)
         with self._tx(write=True) as session:
-            done = session.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status == "queued", _last_sent() < cutoff)
-                .values(heartbeat_at=now)
-                .execution_options(synchronize_session=False)
+            return update_one(
+                session, job_id, JobRow.status == "queued", _last_sent() < cutoff, heartbeat_at=now
             )
-            return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
     def unrequeue(self, job_id: str) -> bool:
         """Undo `requeue_expired` when the task could not be sent (broker down): back to
         running with its expired lease, so the next reaper pass tries again."""
         with self._tx(write=True) as session:
-            done = session.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == job_id,
-                    JobRow.status == "queued",
-                    JobRow.worker.is_(None),
-                    JobRow.lease_expires_at.is_not(None),
-                )
-                .values(status="running")
-                .execution_options(synchronize_session=False)
+            return update_one(
+                session,
+                job_id,
+                JobRow.status == "queued",
+                JobRow.worker.is_(None),
+                JobRow.lease_expires_at.is_not(None),
+                status="running",
             )
-            return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
     def fail_expired(self, job_id: str, max_attempts: int) -> bool:
         """running (lease expired, no attempts left) -> failed `worker_lost`, once."""
@@ -214,18 +211,16 @@ class LeaseMixin:
             ).scalar_one_or_none()
             if attempts is None:
                 return False
-            done = session.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == job_id,
-                    JobRow.status == "running",
-                    lease_expired(now),
-                    JobRow.attempts >= max_attempts,
-                )
-                .values(status="failed", error=worker_lost_error(attempts), finished_at=now)
-                .execution_options(synchronize_session=False)
+            return update_one(
+                session,
+                job_id,
+                JobRow.status == "running",
+                lease_expired(now),
+                JobRow.attempts >= max_attempts,
+                status="failed",
+                error=worker_lost_error(attempts),
+                finished_at=now,
             )
-            return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
     # -- exactly-once publish ---------------------------------------------------------------
 
@@ -235,15 +230,12 @@ class LeaseMixin:
         this worker lost the job; the caller must then not report a publish of its own."""
         doc = JobResult.model_validate(result).model_dump(mode="json")
         with self._tx(write=True) as session:
-            done = session.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == job_id,
-                    JobRow.status == "running",
-                    JobRow.worker == worker,
-                    JobRow.published_at.is_(None),
-                )
-                .values(published_at=now_utc(), result=doc)
-                .execution_options(synchronize_session=False)
+            return update_one(
+                session,
+                job_id,
+                JobRow.status == "running",
+                JobRow.worker == worker,
+                JobRow.published_at.is_(None),
+                published_at=now_utc(),
+                result=doc,
             )
-            return bool(done.rowcount == 1)  # type: ignore[attr-defined]

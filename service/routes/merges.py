@@ -25,7 +25,7 @@ from crucible.webhook_url import resolve_target
 from crucible.webhooks import enqueue_delivery, has_webhook
 from service.auth import Tenant
 from service.errors import ApiError
-from service.limits import check_job_slots, too_many_jobs
+from service.limits import too_many_jobs
 from service.storable import UNSTORABLE_MESSAGE, PathId, first_unstorable
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,6 @@ def submit_merge(
     secrets = _check_secrets_and_webhook(spec, settings)
     _check_datasets(spec, store, tenant)
     slots = settings.max_concurrent_jobs_per_tenant
-    check_job_slots(store, tenant, slots, idempotency_key)
     # The stored spec and its digest hold "***" where a secret was (WriteOnlySecret), so an
     # Idempotency-Key retry with another token returns the existing job and its secrets.
     ciphertext = encrypt_secrets(secrets, settings)
@@ -187,7 +186,7 @@ def submit_merge(
             ciphertext,
             max_active=slots,
         )
-    except TooManyJobs as exc:  # a concurrent submit took the last slot first
+    except TooManyJobs as exc:  # counted in the insert's transaction (race-free)
         raise too_many_jobs(slots, exc.active) from None
     except IdempotencyConflict as exc:
         raise ApiError(

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,13 @@ import httpx
 import psycopg
 import redis
 import torch
+from cryptography.fernet import Fernet
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from crucible.cli import worker_argv
 from crucible.store import JobStore
 from tests.support.ports import free_port
+from tests.support.stack import uvicorn_argv
 from tests.support.tiny_models import TINY_GPT2, perturbed_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -227,8 +232,7 @@ class Processes:
         return proc
 
     def start_api(self) -> None:
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"]
-        self.spawn("api", [*argv, "--host", "127.0.0.1", "--port", str(self.port)])
+        self.spawn("api", uvicorn_argv(self.port))
         wait_until(self._ready, 90, "the API to answer /readyz", every=0.2)
 
     def _ready(self) -> bool:
@@ -346,3 +350,84 @@ def small_folder(path: Path, size_bytes: int) -> Iterator[Path]:
 
 def store_for(url: str) -> JobStore:
     return JobStore(url)
+
+
+@dataclass
+class Service:
+    """A running service of our own: its processes, Redis, PostgreSQL database, API key."""
+
+    procs: Processes
+    redis: OwnRedis
+    postgres: OwnPostgres
+    db_url: str
+    key: str
+    artifacts: Path
+
+    def client(self, patience: float = 120) -> PatientClient:
+        return PatientClient(self.procs.base_url, self.key, patience)
+
+    def store(self) -> JobStore:
+        return JobStore(self.db_url, self.artifacts)
+
+    def worker_pids(self) -> dict[int, str]:
+        """The Celery main process pid of each running worker -> its name."""
+        return {p.pid: n for n, p in self.procs.procs.items() if n.startswith("worker")}
+
+    def attempts(self, job_id: str) -> int:
+        store = self.store()
+        try:
+            held = store.ownership(job_id)
+        finally:
+            store.close()
+        assert held is not None
+        return held.attempts
+
+
+@contextmanager
+def service(
+    work: Path,
+    postgres: OwnPostgres,
+    allowed: Path,
+    workers: int = 1,
+    artifacts: Path | None = None,
+    **env: str,
+) -> Iterator[Service]:
+    """API + `workers` Celery workers on a new database of our cluster and our own Redis;
+    file:// sources allowed under `allowed`; `env` adds or overrides settings."""
+    db_url = postgres.create_database(f"crucible_{secrets.token_hex(4)}")
+    redis = OwnRedis(work / "redis").start()
+    artifacts = artifacts or work / "data" / "artifacts"
+    base_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/root"),
+        "CRUCIBLE_DATA_DIR": str(work / "data"),
+        "CRUCIBLE_ARTIFACTS_DIR": str(artifacts),
+        "CRUCIBLE_DATABASE_URL": db_url,
+        "CRUCIBLE_BROKER_URL": redis.url,
+        "CRUCIBLE_ALLOWED_LOCAL_DIRS": json.dumps([str(allowed)]),
+        "CRUCIBLE_SECRETS_KEY": Fernet.generate_key().decode(),
+        "CRUCIBLE_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    procs = Processes(base_env, work / "logs")
+    try:
+        key = procs.crucible("keys", "create", "--tenant", "acme").strip()  # also migrates
+        procs.start_api()
+        for i in range(workers):
+            procs.start_worker(f"worker-{i}")
+        yield Service(procs, redis, postgres, db_url, key, artifacts)
+    except BaseException:
+        print(procs.logs())
+        raise
+    finally:
+        procs.stop_all()
+        redis.stop()
+
+
+def submit(client: PatientClient, spec: dict[str, Any], key: str | None = None) -> str:
+    """POST the spec (with an Idempotency-Key when given); the job id."""
+    headers = {"Idempotency-Key": key} if key else {}
+    resp = client.request("POST", "/v1/merges", json=spec, headers=headers)
+    assert resp.status_code in (200, 201, 202), resp.text
+    return str(resp.json()["id"])

@@ -27,6 +27,8 @@ from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit
 
+from tests.support.http_server import ServedHTTP
+
 # Not forwarded in either direction: connection-level, or recomputed by the proxy.
 _HOP_HEADERS = {
     "connection",
@@ -79,14 +81,13 @@ class _State:
 class FlakyProxy:
     def __init__(self, upstream: str, faults: list[Fault] | None = None) -> None:
         self._state = _State(upstream.rstrip("/"), list(faults or []))
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedHTTP | None = None
 
     @property
     def endpoint(self) -> str:
-        if self._server is None:
+        if self._served is None:
             raise RuntimeError("FlakyProxy is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._served.endpoint
 
     @property
     def seen(self) -> list[Seen]:
@@ -112,21 +113,14 @@ class FlakyProxy:
             pass
 
         Handler.state = state
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._served = ServedHTTP(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
         state.public = self.endpoint
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._served is not None:
+            self._served.stop()
+            self._served = None
 
     def __enter__(self) -> FlakyProxy:
         return self.start()

@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from tests.support.http_server import ServedHTTP
+
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _SKIP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 _CHUNK = 64 * 1024
@@ -67,14 +69,13 @@ class _State:
 class RangeProxy:
     def __init__(self, upstream: str) -> None:
         self._state = _State(upstream.rstrip("/"))
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedHTTP | None = None
 
     @property
     def endpoint(self) -> str:
-        if self._server is None:
+        if self._served is None:
             raise RuntimeError("RangeProxy is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._served.endpoint
 
     @property
     def ranges(self) -> list[Served]:
@@ -92,20 +93,13 @@ class RangeProxy:
             pass
 
         Handler.state = self._state
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._served = ServedHTTP(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._served is not None:
+            self._served.stop()
+            self._served = None
 
     def __enter__(self) -> RangeProxy:
         return self.start()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
+from tests.support.http_server import ServedHTTP
+
 
 @dataclass
 class Delivery:
@@ -39,8 +41,7 @@ class WebhookReceiver:
         self.redirect_to = redirect_to
         self.deliveries: list[Delivery] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedHTTP | None = None
         self.port = 0  # set by start(); kept after stop() (a port nobody listens on)
 
     @property
@@ -75,17 +76,16 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: object) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer((self.host, 0), Handler)
-        self.port = int(self._server.server_address[1])
+        server = ThreadingHTTPServer((self.host, 0), Handler)
         if self.tls is not None:
 
             def record_sni(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
                 self.sni_names.append(name)
 
             self.tls.sni_callback = record_sni  # type: ignore[assignment]
-            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
+        self._served = ServedHTTP(server)
+        self.port = self._served.port
         return self
 
     def wait_for(self, count: int, timeout: float = 120.0) -> list[Delivery]:
@@ -98,10 +98,9 @@ class WebhookReceiver:
         raise AssertionError(f"{len(self.deliveries)} deliveries after {timeout}s, not {count}")
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._served is not None:
+            self._served.stop()
+            self._served = None
 
     def __enter__(self) -> WebhookReceiver:
         return self.start()

@@ -22,6 +22,22 @@ from tests.support.redis_server import private_redis
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def uvicorn_argv(port: int, *extra: str) -> list[str]:
+    """The API's command line on loopback `port` (the app factory, as production runs it)."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "service.app:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
 class Stack:
     """Starts uvicorn and a Celery worker with `env` as their whole environment."""
 
@@ -57,23 +73,15 @@ class Stack:
             raise RuntimeError(f"crucible {' '.join(args)} failed:\n{done.stderr}")
         return done.stdout
 
-    def start(self) -> Stack:
+    def start(self, log_level: str | None = None) -> Stack:
+        """Migrate, then the API and one worker; `log_level` for both (default info)."""
         self.crucible("keys", "list")  # migrates the database before two processes start
         self._spawn(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "service.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
+            "api", uvicorn_argv(self.port, *(("--log-level", log_level) if log_level else ()))
         )
-        self._spawn("worker", worker_argv(concurrency=1, pool="prefork", loglevel="info"))
+        self._spawn(
+            "worker", worker_argv(concurrency=1, pool="prefork", loglevel=log_level or "info")
+        )
         self.wait_ready()
         return self
 
