@@ -26,7 +26,10 @@ def test_spd_solve_matches_numpy_and_records_the_path() -> None:
     out = solve_right_spd(_t(a), _t(b), ridge_eps=0.0, diag=diag)
     np.testing.assert_allclose(out.numpy(), b @ np.linalg.inv(a), rtol=1e-10, atol=1e-12)
     assert diag["solve"] == "cholesky" and diag["ridge"] == 0.0
-    assert 1 < diag["cond"] < 1e6  # the Cholesky-diagonal estimate of a modest condition
+    # The estimate is (max/min)^2 of the Cholesky diagonal: a lower bound on cond(A).
+    d = np.diag(np.linalg.cholesky(a))
+    assert diag["cond"] == pytest.approx((d.max() / d.min()) ** 2, rel=1e-10)
+    assert diag["cond"] <= np.linalg.cond(a) * (1 + 1e-10)
     assert "fallback" not in diag
     assert "ill_conditioned" not in diag
 
