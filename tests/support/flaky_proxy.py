@@ -23,11 +23,10 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit
 
-from tests.support.http_server import ServedHTTP
+from tests.support.http_server import BackgroundServer, ServedHTTP
 
 # Not forwarded in either direction: connection-level, or recomputed by the proxy.
 _HOP_HEADERS = {
@@ -78,7 +77,7 @@ class _State:
     public: str = ""
 
 
-class FlakyProxy:
+class FlakyProxy(BackgroundServer):
     def __init__(self, upstream: str, faults: list[Fault] | None = None) -> None:
         self._state = _State(upstream.rstrip("/"), list(faults or []))
         self._served: ServedHTTP | None = None
@@ -116,22 +115,6 @@ class FlakyProxy:
         self._served = ServedHTTP(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
         state.public = self.endpoint
         return self
-
-    def stop(self) -> None:
-        if self._served is not None:
-            self._served.stop()
-            self._served = None
-
-    def __enter__(self) -> FlakyProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class _Handler(BaseHTTPRequestHandler):

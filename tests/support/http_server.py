@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from http.server import ThreadingHTTPServer
+from types import TracebackType
+from typing import Self
 
 
 class ServedHTTP:
@@ -24,3 +26,29 @@ class ServedHTTP:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=10)
+
+
+class BackgroundServer:
+    """A test server object: `start` (the subclass's) binds and serves into `_served`;
+    `stop` and the context manager are shared."""
+
+    _served: ServedHTTP | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._served is not None:
+            self._served.stop()
+            self._served = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

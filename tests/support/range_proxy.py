@@ -23,10 +23,9 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from urllib.parse import urlsplit
 
-from tests.support.http_server import ServedHTTP
+from tests.support.http_server import BackgroundServer, ServedHTTP
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _SKIP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
@@ -66,7 +65,7 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class RangeProxy:
+class RangeProxy(BackgroundServer):
     def __init__(self, upstream: str) -> None:
         self._state = _State(upstream.rstrip("/"))
         self._served: ServedHTTP | None = None
@@ -95,22 +94,6 @@ class RangeProxy:
         Handler.state = self._state
         self._served = ServedHTTP(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
         return self
-
-    def stop(self) -> None:
-        if self._served is not None:
-            self._served.stop()
-            self._served = None
-
-    def __enter__(self) -> RangeProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _connect(upstream: str) -> http.client.HTTPConnection:

@@ -12,9 +12,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 
-from tests.support.http_server import ServedHTTP
+from tests.support.http_server import BackgroundServer, ServedHTTP
 
 
 @dataclass
@@ -26,7 +25,7 @@ class Delivery:
     at: float = field(default_factory=time.monotonic)
 
 
-class WebhookReceiver:
+class WebhookReceiver(BackgroundServer):
     def __init__(
         self,
         statuses: list[int] | None = None,
@@ -96,19 +95,3 @@ class WebhookReceiver:
                     return list(self.deliveries)
             time.sleep(0.05)
         raise AssertionError(f"{len(self.deliveries)} deliveries after {timeout}s, not {count}")
-
-    def stop(self) -> None:
-        if self._served is not None:
-            self._served.stop()
-            self._served = None
-
-    def __enter__(self) -> WebhookReceiver:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
