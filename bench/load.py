@@ -9,7 +9,12 @@ submitted job: a linear merge of two tiny GPT-2 experts into a base (tests/suppo
 models, `file://` sources). The per-tenant concurrent-jobs limit is raised through
 CRUCIBLE_MAX_CONCURRENT_JOBS_PER_TENANT, since the submitters outpace one worker on purpose.
 
-Then, for `--duration` seconds, a bounded asyncio httpx client on loopback runs
+`--seed-jobs` jobs are submitted first, and the clock starts once the worker has finished
+one of them (its start on the same cores is not the steady state) and after `--warmup`
+seconds of the same load, unrecorded (clients connect, the API's database pools fill).
+Then, for `--duration`
+seconds, an asyncio client on loopback (one keep-alive HTTP/1.1
+connection per client, as a polling pipeline holds; see KeepAliveConnection) runs
 `--pollers` clients, each reading GET /v1/merges/{id} of a random submitted job every
 `--poll-interval` seconds (paced on a fixed schedule, so a slow answer does not lower the
 offered load), and `--submitters` clients, each POSTing a job every `--submit-interval`
@@ -70,6 +75,8 @@ class Recorder:
     # Time the client itself was late to start a request (event loop lag): a saturated
     # client would inflate the latencies it reports.
     lateness: list[float] = field(default_factory=list)
+    # Jobs the unrecorded warm-up submitted (they run like the others).
+    warmup_jobs: int = 0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -79,20 +86,73 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+class KeepAliveConnection:
+    """One client's HTTP/1.1 keep-alive connection, written on asyncio streams.
+
+    A pipeline that polls holds one connection; this does the same, at a few tens of
+    microseconds of client CPU per request. httpx's pool, shared by 220 clients on one
+    event loop, cost the client a whole core at 100 requests/s (py-spy), so the client,
+    not the API, set the latency it measured. Responses must carry Content-Length (every
+    JSON response of the API does)."""
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+        self.host, self.port = host, port
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": host, **headers}.items())
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.last_used = 0.0
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        # Reconnect before uvicorn's 5 s keep-alive timeout can close the connection under
+        # a request that is being sent.
+        if self.writer is None or time.monotonic() - self.last_used > 4.0:
+            await self.close()
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body else ""
+        self.writer.write(f"{method} {path} HTTP/1.1\r\n{self.head}{extra}\r\n".encode() + body)
+        try:
+            status_line = await self.reader.readline()
+            if not status_line:
+                raise ConnectionError("the server closed the connection")
+            status = int(status_line.split()[1])
+            length, close = 0, False
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                name = name.strip().lower()
+                if name == "content-length":
+                    length = int(value)
+                elif name == "connection" and value.strip().lower() == "close":
+                    close = True
+            payload = await self.reader.readexactly(length)
+        except BaseException:
+            await self.close()  # a half-read response leaves the stream unusable
+            raise
+        self.last_used = time.monotonic()
+        if close:
+            await self.close()
+        return status, payload
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
 async def _timed(
-    rec: Recorder, kind: str, call: Any, *args: Any, **kwargs: Any
-) -> httpx.Response | None:
+    rec: Recorder, kind: str, conn: KeepAliveConnection, timeout: float, *args: Any
+) -> bytes | None:
     start = time.perf_counter()
     try:
-        response = await call(*args, **kwargs)
+        status, payload = await asyncio.wait_for(conn.request(*args), timeout)
     except Exception as exc:  # every exception is an error, timeouts included
         rec.kinds[kind].error(type(exc).__name__)
         return None
     rec.kinds[kind].latencies.append(time.perf_counter() - start)
-    if response.status_code != EXPECTED[kind]:
-        rec.kinds[kind].error(f"HTTP {response.status_code}")
+    if status != EXPECTED[kind]:
+        rec.kinds[kind].error(f"HTTP {status}")
         return None
-    return response
+    return payload
 
 
 async def _paced(
@@ -113,44 +173,83 @@ async def _paced(
         next_at = max(next_at + interval, time.perf_counter())
 
 
+async def _wait_first_job_done(
+    client: httpx.AsyncClient, job_ids: list[str], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for job_id in job_ids:
+            if (await client.get(f"/v1/merges/{job_id}")).json()["status"] == "succeeded":
+                return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"no seeded job finished in {timeout:.0f} s: is the worker running?")
+
+
 async def _run_clients(
     base_url: str, key: str, spec: dict[str, Any], args: argparse.Namespace, rec: Recorder
 ) -> float:
-    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them, so a
-    # request never races the server's close (RemoteProtocolError).
-    limits = httpx.Limits(max_connections=args.pollers + args.submitters + 10, keepalive_expiry=2.0)
     headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(
-        base_url=base_url, headers=headers, limits=limits, timeout=args.timeout
-    ) as client:
-        # Jobs submitted before the clock starts, so the first polls have jobs to read.
+    url = httpx.URL(base_url)
+    host, port = url.host, url.port or 80
+    body = json.dumps(spec).encode()
+    # Jobs submitted before the clock starts, so the first polls have jobs to read.
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60) as client:
         for _ in range(args.seed_jobs):
             seeded = await client.post("/v1/merges", json=spec)
             if seeded.status_code != 202:
                 raise RuntimeError(f"seeding a job failed: {seeded.status_code} {seeded.text}")
             rec.job_ids.append(seeded.json()["id"])
-        rng = random.Random(args.seed)
+        # The clock starts once the worker runs jobs: its start (imports, first fork) on the
+        # same 2 cores is not the steady state this measures.
+        await _wait_first_job_done(client, rec.job_ids, timeout=300)
+    rng = random.Random(args.seed)
+    conns: list[KeepAliveConnection] = []
+    # Where answers are recorded: a throwaway recorder during the warm-up, then `rec`.
+    into = [Recorder(job_ids=rec.job_ids)]
+
+    def poller() -> Any:
+        conn = KeepAliveConnection(host, port, headers)
+        conns.append(conn)
 
         async def poll() -> None:
             job_id = rng.choice(rec.job_ids)
-            await _timed(rec, "status", client.get, f"/v1/merges/{job_id}")
+            await _timed(into[0], "status", conn, args.timeout, "GET", f"/v1/merges/{job_id}")
+
+        return poll
+
+    def submitter() -> Any:
+        conn = KeepAliveConnection(host, port, headers)
+        conns.append(conn)
 
         async def submit() -> None:
-            response = await _timed(rec, "submit", client.post, "/v1/merges", json=spec)
-            if response is not None:
-                rec.job_ids.append(response.json()["id"])
+            payload = await _timed(
+                into[0], "submit", conn, args.timeout, "POST", "/v1/merges", body
+            )
+            if payload is not None:
+                rec.job_ids.append(json.loads(payload)["id"])
 
-        start = time.perf_counter()
-        deadline = start + args.duration
-        tasks = [
-            _paced(args.poll_interval, deadline, rec, poll, random.Random(rng.random()))
-            for _ in range(args.pollers)
-        ] + [
-            _paced(args.submit_interval, deadline, rec, submit, random.Random(rng.random()))
-            for _ in range(args.submitters)
-        ]
-        await asyncio.gather(*tasks)
-        return time.perf_counter() - start
+        return submit
+
+    clients = [(args.poll_interval, poller()) for _ in range(args.pollers)] + [
+        (args.submit_interval, submitter()) for _ in range(args.submitters)
+    ]
+    paced = [(i, body, random.Random(rng.random())) for i, body in clients]
+    # Warm-up: every client connects and the API's database pools fill (a new PostgreSQL
+    # connection each) before the clock starts; those answers are not recorded.
+    before_warmup = len(rec.job_ids)
+    if args.warmup > 0:
+        end = time.perf_counter() + args.warmup
+        await asyncio.gather(*[_paced(i, end, into[0], body, r) for i, body, r in paced])
+    rec.warmup_jobs = len(rec.job_ids) - before_warmup
+    into[0] = rec
+    start = time.perf_counter()
+    deadline = start + args.duration
+    tasks = [_paced(i, deadline, rec, body, r) for i, body, r in paced]
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for conn in conns:
+        await conn.close()
+    return elapsed
 
 
 def _spawn(
@@ -296,6 +395,7 @@ def summarize(rec: Recorder, elapsed: float) -> dict[str, Any]:
         "kinds": kinds,
         "errors": sum(k["errors"] for k in kinds.values()),
         "client_late_p99_ms": 1000 * _percentile(late, 0.99) if late else 0.0,
+        "warmup_jobs": rec.warmup_jobs,
     }
 
 
@@ -331,7 +431,8 @@ def _section(summary: dict[str, Any], args: argparse.Namespace, command: str) ->
             f"experts). {args.pollers} "
             f"pollers each GET a random job every {args.poll_interval} s, {args.submitters} "
             f"submitters each POST a job every {args.submit_interval} s, for "
-            f"{summary['elapsed_s']:.1f} s on loopback (bounded asyncio httpx client).",
+            f"{summary['elapsed_s']:.1f} s on loopback (asyncio, one keep-alive connection "
+            f"per client), after {args.warmup:g} s of unrecorded warm-up at the same load.",
             "",
             table(summary),
             "",
@@ -360,6 +461,9 @@ def write_results(section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument(
+        "--warmup", type=float, default=5.0, help="seconds of load before the clock, unrecorded"
+    )
     p.add_argument("--pollers", type=int, default=200)
     p.add_argument("--submitters", type=int, default=20)
     p.add_argument("--poll-interval", type=float, default=1.0)

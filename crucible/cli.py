@@ -82,11 +82,13 @@ def worker(
 @app.command()
 def reap() -> None:
     """Requeue running jobs whose worker stopped renewing its lease (or fail them with
-    worker_lost after max_attempts). Workers do this on their own; this is one pass now."""
-    from crucible.reaper import celery_enqueue, reap_once
+    worker_lost after max_attempts), resend stale queued jobs and owed webhooks. Workers
+    do this on their own; this is one pass now."""
+    from crucible.reaper import celery_enqueue, celery_enqueue_webhook, reap_once
 
     settings = get_settings()
-    result = reap_once(_store(settings), settings, celery_enqueue(settings))
+    store = _store(settings)
+    result = reap_once(store, settings, celery_enqueue(settings), celery_enqueue_webhook(settings))
     typer.echo(
         json.dumps(
             {
@@ -94,10 +96,12 @@ def reap() -> None:
                 "failed": result.failed,
                 "unsent": result.unsent,
                 "resent": result.resent,
+                "webhooks": result.webhooks,
+                "webhooks_unsent": result.webhooks_unsent,
             }
         )
     )
-    if result.unsent:
+    if result.unsent or result.webhooks_unsent:
         raise typer.Exit(1)
 
 

@@ -16,8 +16,10 @@ of rows), never by the model.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -51,10 +53,13 @@ OUTPUT_CODES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": 
 # Elementwise methods compute in float32: exact for fp16/bf16 inputs, and the dtype of the
 # output cast.
 COMPUTE_DTYPE = torch.float32
-# Large tensors are merged in blocks of rows of about this many elements (8 MiB per input
-# in float32), so memory does not grow with the largest tensor (bench/memory.py: 8 Mi
-# elements peaked ~1.2 GB above baseline for TIES, whose blocks hold ~15 temporaries).
-BLOCK_ELEMENTS = 2 * 2**20
+# Large tensors are merged in blocks of rows of about this many elements (1 MiB per input
+# in float32), so memory does not grow with the largest tensor, and a block's inputs and
+# temporaries stay in the caches: every elementwise op is a pass over the block, and at
+# 2 Mi elements (8 MiB per fp32 temporary, freshly page-faulted) a linear merge cost
+# 5.1 ms per Mi entries against 2.1 at 256 Ki (bench/throughput/RESULTS.md). Every method
+# gives the same bytes for any blocking (tests/test_blockwise.py).
+BLOCK_ELEMENTS = 256 * 2**10
 PER_EXPERT_DIR = "per_expert"
 # Elementwise merges of full models read ahead on a thread, in chunks of whole blocks of
 # about this many input bytes (all inputs together): a chunk is read while the one before
@@ -65,6 +70,22 @@ PER_EXPERT_DIR = "per_expert"
 # bench's TIES peaked at 2.1 GB RSS, more than half of mergekit's.
 CHUNK_BYTES = 64 * 2**20
 WHOLE_TENSOR_BYTES = 256 * 2**20
+# Merged blocks waiting for the writer thread: 64 blocks of BLOCK_ELEMENTS are 32 MiB of
+# bf16 output, so a write that stalls (page-cache reclaim made the first 1.3 GB written
+# after a sync run at 0.3-0.6 GB/s on the bench machine, later ones at 3-4) does not stop
+# the merge thread at once.
+WRITE_QUEUE_BLOCKS = 64
+# glibc malloc thresholds set for a streamed merge (process-wide, once). By default a
+# block's float32 temporaries (1-4 MiB) are mmapped or trimmed back to the OS when freed,
+# so each new one page-faults: a TIES election on one 256 Ki-entry block took 6.9 ms that
+# way and 2.5 ms with these (freed memory up to 256 MiB stays in the heap for reuse;
+# allocations from 64 MiB up, the chunk buffers, are still mapped and returned).
+MALLOC_MMAP_THRESHOLD = 64 * 2**20
+MALLOC_TRIM_THRESHOLD = 256 * 2**20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_heap_tuned = False
+# Task vectors for tensor statistics are assembled in slices of this many entries.
+STATS_SLICE = 2**18
 # Inputs of a chunk start at multiples of this in its buffer (a typed view needs alignment).
 ALIGN = 64
 # torch intra-op threads while an elementwise merge streams. The ops are memory-bound (one
@@ -106,6 +127,7 @@ class Chunk:
     experts: list[torch.Tensor]
     whole: bool  # holds every row of the tensor
     last: bool  # the tensor's last chunk
+    prepared: Any = None  # method.prepare's result for these rows (ctx.extra["prepared"])
 
 
 class ProgressSink(Protocol):
@@ -230,7 +252,7 @@ def merge_model(
     total = len(names)
     started = time.perf_counter()
     merged_count = 0
-    sink = BackgroundWriter(writer)
+    sink = BackgroundWriter(writer, depth=WRITE_QUEUE_BLOCKS)
     writers: list[BackgroundWriter | ShardedSafetensorsWriter] = [sink, *per_expert.values()]
     # Elementwise methods on full models (no adapter's ΔW to add) read ahead on a thread.
     streamed = (
@@ -243,12 +265,13 @@ def merge_model(
             base_reader, readers, gram_readers = open_readers(stack, inputs)
             chunks: Prefetcher[Chunk] | None = None
             if streamed:
+                keep_heap_memory()
                 # One compute thread: the prefetch and writer threads use the other core.
                 stack.callback(torch.set_num_threads, torch.get_num_threads())
                 torch.set_num_threads(ELEMENTWISE_THREADS)
                 ahead = [stack.enter_context(TensorReader(m)) for m in [base, *inputs.experts]]
                 chunks = stack.enter_context(
-                    Prefetcher(chunk_producer(streamed, method, ahead[0], ahead[1:]))
+                    Prefetcher(chunk_producer(streamed, method, ahead[0], ahead[1:], params_for))
                 )
             reporter.progress(0, total, "tensors")
             for i, name in enumerate(names):
@@ -393,10 +416,15 @@ def merge_blocks(
             method.tensor_stats(task_vector(name, base_reader, r, blocks), params) for r in readers
         ]
     for rows in blocks:
+        experts = [r.read(name, rows).to(device=device, dtype=COMPUTE_DTYPE) for r in readers]
         ctx = TensorContext(
             name=name,
-            base=base_reader.read(name, rows).to(device=device, dtype=COMPUTE_DTYPE),
-            experts=[r.read(name, rows).to(device=device, dtype=COMPUTE_DTYPE) for r in readers],
+            base=(
+                base_reader.read(name, rows).to(device=device, dtype=COMPUTE_DTYPE)
+                if method.needs_base
+                else absent_base(experts[0])
+            ),
+            experts=experts,
             weights=weights,
             extra=extra if rows is None else {**extra, "rows": rows},
         )
@@ -406,11 +434,37 @@ def merge_blocks(
         del ctx, merged
 
 
+def keep_heap_memory() -> None:
+    """Set MALLOC_MMAP_THRESHOLD / MALLOC_TRIM_THRESHOLD (glibc; elsewhere nothing)."""
+    global _heap_tuned
+    if _heap_tuned or not sys.platform.startswith("linux"):
+        return
+    _heap_tuned = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
+        return
+    mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+
+
+def absent_base(like: torch.Tensor) -> torch.Tensor:
+    """The base a method with needs_base=False gets: `like`'s shape, dtype and device, no
+    memory (one NaN, expanded), so reading it by mistake yields NaN and check_finite."""
+    return torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
+
+
 def chunk_producer(
-    names: list[str], method: MethodInfo, base: TensorReader, experts: list[TensorReader]
+    names: list[str],
+    method: MethodInfo,
+    base: TensorReader,
+    experts: list[TensorReader],
+    params_for: Callable[[str], MethodParams] | None = None,
 ) -> Callable[[Callable[[], int]], Iterator[tuple[int, Chunk]]]:
     """The prefetch thread's work: every chunk of `names`, in order, read with pread into
-    one reused buffer per slot (no allocation, no page faults once the buffers are grown)."""
+    one reused buffer per slot (no allocation, no page faults once the buffers are grown),
+    with the method's `prepare` work for its rows (on this thread, in parallel with the
+    merge: DARE's mask draws were most of a dare_ties merge's time)."""
     buffers: dict[int, torch.Tensor] = {}
     blockwise = method.elementwise or method.tensor_stats is not None
     stats = method.tensor_stats is not None
@@ -421,10 +475,13 @@ def chunk_producer(
             shape = base.info(name).shape
             blocks = row_blocks(shape, blockwise)
             row_bytes = [_row_bytes(r, name) for r in inputs]
-            groups = _chunk_groups(shape, blocks, sum(row_bytes), stats)
+            read_bytes = sum(row_bytes[0 if method.needs_base else 1 :])
+            groups = _chunk_groups(shape, blocks, read_bytes, stats)
             for index, group in enumerate(groups):
                 rows = _span(group, shape)
                 sizes = [_aligned(_rows_count(rows, shape) * b) for b in row_bytes]
+                if not method.needs_base:
+                    sizes[0] = 0  # not read: merge_chunks hands the method a placeholder
                 slot = take_slot()
                 buf = buffers.get(slot)
                 need = sum(sizes)
@@ -432,11 +489,18 @@ def chunk_producer(
                     buffers.pop(slot, None)  # free the old one before growing
                     buf = buffers[slot] = torch.empty(max(need, 1), dtype=torch.uint8)
                 views, offset = [], 0
-                for reader, size in zip(inputs, sizes, strict=True):
+                for i, (reader, size) in enumerate(zip(inputs, sizes, strict=True)):
+                    if i == 0 and not method.needs_base:
+                        views.append(buf[:0])
+                        continue
                     views.append(reader.read_into(name, rows, buf[offset : offset + size]))
                     offset += size
                 last = index == len(groups) - 1
-                yield slot, Chunk(name, rows, group, views[0], views[1:], len(groups) == 1, last)
+                chunk = Chunk(name, rows, group, views[0], views[1:], len(groups) == 1, last)
+                if method.prepare is not None and params_for is not None:
+                    done = method.prepare(name, shape, rows, params_for(name), len(experts))
+                    chunk.prepared = (rows, done)
+                yield slot, chunk
 
     return produce
 
@@ -523,17 +587,20 @@ def merge_chunks(
                     ]
             first = False
             start = chunk.rows[0] if chunk.rows is not None else 0
-            storage = chunk.base.untyped_storage().data_ptr()
+            storage = chunk.experts[0].untyped_storage().data_ptr()
             for rows in chunk.blocks:
                 local = slice(None) if rows is None else slice(rows[0] - start, rows[1] - start)
+                experts = [e[local].to(device=device, dtype=COMPUTE_DTYPE) for e in chunk.experts]
                 ctx = TensorContext(
                     name=name,
-                    base=chunk.base[local].to(device=device, dtype=COMPUTE_DTYPE),
-                    experts=[
-                        e[local].to(device=device, dtype=COMPUTE_DTYPE) for e in chunk.experts
-                    ],
+                    base=(
+                        chunk.base[local].to(device=device, dtype=COMPUTE_DTYPE)
+                        if method.needs_base
+                        else absent_base(experts[0])
+                    ),
+                    experts=experts,
                     weights=weights,
-                    extra=extra if rows is None else {**extra, "rows": rows},
+                    extra=_block_extra(extra, rows, chunk.prepared),
                 )
                 merged = method.merge(ctx, params)
                 check_finite(name, merged)
@@ -548,20 +615,34 @@ def merge_chunks(
             return
 
 
+def _block_extra(
+    extra: dict[str, Any], rows: tuple[int, int] | None, prepared: Any
+) -> dict[str, Any]:
+    if rows is None and prepared is None:
+        return extra
+    block = dict(extra)
+    if rows is not None:
+        block["rows"] = rows
+    if prepared is not None:
+        block["prepared"] = prepared
+    return block
+
+
 def _stats_in_memory(method: MethodInfo, params: MethodParams, chunk: Chunk) -> list[Any]:
     """tensor_stats of each whole task vector, assembled block by block from the chunk as
     task_vector() does from the files (so the same values)."""
     assert method.tensor_stats is not None
     stats = []
+    base = chunk.base.reshape(-1)
+    n = base.numel()
     for expert in chunk.experts:
-        tau = torch.empty(chunk.base.numel(), dtype=COMPUTE_DTYPE)
-        pos = 0
-        for rows in chunk.blocks:
-            assert rows is not None
-            b, e = chunk.base[rows[0] : rows[1]], expert[rows[0] : rows[1]]
-            block = e.to(COMPUTE_DTYPE) - b.to(COMPUTE_DTYPE)
-            tau[pos : pos + block.numel()] = block.reshape(-1)
-            pos += block.numel()
+        flat = expert.reshape(-1)
+        tau = torch.empty(n, dtype=COMPUTE_DTYPE)
+        # Elementwise, so any slicing gives task_vector's values; cache-sized slices keep
+        # the float32 temporaries out of fresh (page-faulting) memory.
+        for i in range(0, n, STATS_SLICE):
+            j = min(n, i + STATS_SLICE)
+            torch.sub(flat[i:j].to(COMPUTE_DTYPE), base[i:j].to(COMPUTE_DTYPE), out=tau[i:j])
         stats.append(method.tensor_stats(tau, params))
         del tau
     return stats

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -61,6 +60,7 @@ from crucible.settings import Settings
 from crucible.sources.resolve import input_bytes
 from crucible.spec import Job, MergeSpec
 from crucible.split import Part, chord_backend, layout_key, part_count, partition
+from crucible.stats.cache import worker_record
 from crucible.store import JobStore
 
 # (job id, owner, layout key, parts) -> sends the chord.
@@ -142,7 +142,7 @@ def split_hook(store: JobStore, settings: Settings, send: SendParts) -> SplitHoo
     return hook
 
 
-class _PartReporter:
+class PartReporter:
     """A part's view of the pipeline Reporter: resolving again records nothing (the parent
     did), while cancel, lease and wall-time checks go to the job's StoreReporter."""
 
@@ -158,15 +158,10 @@ class _PartReporter:
         self._inner.check_cancelled()
 
 
-def _worker() -> dict[str, Any]:
-    # The pool child and its Celery worker process (what a test kills, by pid).
-    return {"host": socket.gethostname(), "pid": os.getpid(), "worker_pid": os.getppid()}
-
-
 def _resolved(
     spec: MergeSpec, settings: Settings, reporter: StoreReporter, hub_token: str | None, key: str
 ) -> tuple[MergeInputs, list[dict[str, Any]], ShardedSafetensorsWriter]:
-    inputs, records = _resolve(spec, settings, _PartReporter(reporter), hub_token)
+    inputs, records = _resolve(spec, settings, PartReporter(reporter), hub_token)
     found, writer = layout_writer(spec, inputs)
     if found != key:
         raise CrucibleError(
@@ -212,7 +207,7 @@ def part_work(key: str, part: Part, total: int, store: JobStore, settings: Setti
         reporter.event(
             "part_started",
             f"part {part.index + 1} of {total} started (shards {part.first}-{part.stop - 1})",
-            {**part.as_dict(), **_worker()},
+            {**part.as_dict(), **worker_record()},
         )
         if trigger.is_file():
             trigger.unlink()
@@ -222,7 +217,7 @@ def part_work(key: str, part: Part, total: int, store: JobStore, settings: Setti
         folder = artifacts.local_path(parts_prefix(job_id, key))
         device = compute_device(settings.device)
         metrics, report = merge_model(
-            spec, inputs, folder, _PartReporter(reporter), device, only_shards=part.shards
+            spec, inputs, folder, PartReporter(reporter), device, only_shards=part.shards
         )
         shards = []
         for name, size in writer.shard_files[part.first : part.stop]:
@@ -243,7 +238,7 @@ def part_work(key: str, part: Part, total: int, store: JobStore, settings: Setti
             "part": part.as_dict(),
             "layout": key,
             "shards": shards,
-            "worker": _worker(),
+            "worker": worker_record(),
             "seconds": round(time.monotonic() - started, 3),
             "metrics": metrics,
             "report": report.as_dict(),
@@ -258,7 +253,7 @@ def part_work(key: str, part: Part, total: int, store: JobStore, settings: Setti
         reporter.event(
             "part_done",
             f"part {part.index + 1} of {total} merged {len(shards)} shards",
-            {**part.as_dict(), **_worker(), "seconds": record["seconds"]},
+            {**part.as_dict(), **worker_record(), "seconds": record["seconds"]},
         )
         return None
 

@@ -20,6 +20,7 @@ from crucible.errors import CrucibleError
 from crucible.publish.files import (
     copy_support_files,
     file_manifest,
+    manifest_entry,
     new_staging,
     remove_staging,
 )
@@ -79,7 +80,9 @@ def run_merge_job(
     raises to refuse the job (the runner's per-tenant limit, crucible.tenant_limits).
     `split`: called when the merge stage starts; True means it sent the merge out as parts
     to other workers (crucible.parts), whose chord callback assembles and publishes: the
-    pipeline then stops here and returns None.
+    pipeline then stops here and returns None. Called too when the statistics stage starts
+    (`inputs.grams` still None): True means each expert's statistics went out as a task
+    (crucible.stats.fanout), whose chord callback runs the rest of the job.
     """
     # A restarted job starts the merge cleanly: staging folders an earlier attempt left are
     # removed. Each attempt stages under its own name, so an attempt that lost its lease and
@@ -97,6 +100,9 @@ def run_merge_job(
             from crucible.stats.stage import compute_statistics
 
             reporter.stage("statistics")
+            if split is not None and split(spec, merge_inputs):  # inputs.grams is None
+                shutil.rmtree(staging, ignore_errors=True)
+                return None
             merge_inputs.grams = compute_statistics(
                 spec,
                 merge_inputs.base,
@@ -153,7 +159,7 @@ def publish_staged(
 ) -> MergeOutcome:
     """Support files and model card into `staging`, then `staging` renamed into place (the
     publish stage's steps 1 and 2); the caller removes `staging` if this raises."""
-    _write_support_files(spec, base, inputs, report, staging, metrics)
+    files = _write_support_files(spec, base, inputs, report, staging, metrics)
     reporter.progress(1, 2, "steps")
     # Last look before the output becomes visible: a cancel or a lost lease stops here.
     reporter.check_cancelled()
@@ -161,7 +167,6 @@ def publish_staged(
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
     reporter.progress(2, 2, "steps")
-    files = file_manifest(output_dir)
     reporter.event("published", f"wrote {len(files)} files", {"path": str(output_dir)})
     return MergeOutcome(
         output_dir=output_dir,
@@ -347,7 +352,11 @@ def _write_support_files(
     report: MergeReport,
     staging: Path,
     metrics: dict[str, Any],
-) -> None:
+) -> list[dict[str, Any]]:
+    """Support files, merge report and model card into `staging`; the output's manifest.
+    The card lists the other files' hashes, so they are hashed once, here, and only the
+    card is hashed after it is written (a second pass over a 1.3 GB output was ~16% of a
+    linear merge)."""
     copy_support_files(
         base.root, staging, dtype=spec.output.dtype, adapter=spec.output.format == "lora"
     )
@@ -365,4 +374,7 @@ def _write_support_files(
         lora=metrics.get("lora"),
         metrics=metrics,
     )
-    (staging / "README.md").write_text(card, encoding="utf-8")
+    card_path = staging / "README.md"
+    card_path.write_text(card, encoding="utf-8")
+    files = [f for f in weight_files if f["path"] != card_path.name]
+    return sorted([*files, manifest_entry(staging, card_path)], key=lambda e: e["path"])

@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Scale-out (crucible.parts): (job id, owner, spec, inputs) -> True when the merge stage
-# was sent out as parts whose chord callback publishes.
+# Scale-out (crucible.parts, crucible.stats.fanout): (job id, owner, spec, inputs) -> True
+# when the rest of the job was sent out as tasks whose chord callback carries on. Asked at
+# the statistics stage (Grams missing: one task per expert) and at the merge stage (parts).
 SplitHook = Callable[[str, str, MergeSpec, "MergeInputs"], bool]
 # The work of a part task or of the chord callback, run under the parent's owner name:
 # (job, spec, reporter, hub token) -> the outcome to publish, or None (a part).

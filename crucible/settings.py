@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     # different workers merge: a Celery chord, Redis broker only. 1 part: never split.
     split_min_input_bytes: int = Field(default=32 * 1024**3, ge=0)
     split_max_parts: int = Field(default=4, ge=1)
+    # A job whose statistics stage must compute the Grams of at least this many experts
+    # (cache misses) runs each expert's statistics as its own Celery task, on any worker,
+    # and the rest of the job in the chord's callback (crucible.stats.fanout); Redis
+    # broker only. 0: never; fewer misses: computed one after another by the job's worker.
+    stats_fanout_min_experts: int = Field(default=2, ge=0)
     # Fernet key (urlsafe base64, 32 bytes) encrypting request secrets at rest. Unset in
     # embedded mode: a key is generated once under the data dir (mode 0600).
     secrets_key: SecretStr | None = None
@@ -96,6 +101,12 @@ class Settings(BaseSettings):
     # match one of these CIDRs or host names (tests and in-cluster receivers).
     webhook_allowed_hosts: list[str] = Field(default_factory=list)
     webhook_timeout_seconds: float = 10.0
+    # Webhook outbox: a finished job whose webhook is still unsent this long after the job
+    # ended, or after its delivery run last renewed its claim (the worker died), has its
+    # delivery task sent again by the reaper. Keep it above webhook_timeout_seconds +
+    # retry_max_seconds (the longest gap between two attempts of a live run), or a slow
+    # run can overlap the reaper's new one for an attempt.
+    webhook_outbox_seconds: float = Field(default=60.0, gt=0)
     # --- S3-compatible storage (issue 7): s3:// outputs and CRUCIBLE_ARTIFACTS_URI. Unset
     # fields fall back to boto3's default chain (AWS_* variables, config files, instance
     # roles); the secret is never logged.

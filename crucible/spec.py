@@ -327,6 +327,9 @@ class WebhookSpec(_Strict):
 
     Each delivery carries `X-Crucible-Timestamp: <unix seconds>` and
     `X-Crucible-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + raw body)>`.
+    Delivery is at least once (a worker that dies mid-delivery is covered by another
+    worker's retry): `X-Crucible-Event-Id: <job id>:job.<status>` is the same on every
+    attempt, so receivers dedupe on it.
     """
 
     url: str = Field(

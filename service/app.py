@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -27,6 +28,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store.migrate()
+        # Everything imported so far lives as long as the process: out of the collector's
+        # way, a full collection no longer walks ~150k objects (80 ms with the GIL held,
+        # every request of the process waiting: the status reads' p99 spikes under load).
+        gc.collect()
+        gc.freeze()
         yield
 
     app = FastAPI(

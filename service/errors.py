@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,11 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def job_not_found(job_id: str) -> ApiError:
+    """Another tenant's job reads the same as a job that does not exist."""
+    return ApiError(404, "not_found", f"no merge job {job_id!r}")
+
+
 def error_response(
     status: int, code: str, message: str, detail: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -58,6 +65,15 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 def _validation_detail(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # `input` echoes the caller's values back (later: secrets); keep loc, msg and type only.
     return [{"field": _field(e["loc"]), "message": e["msg"], "type": e["type"]} for e in errors]
+
+
+def _database_unavailable() -> JSONResponse:
+    return error_response(
+        503,
+        "database_unavailable",
+        "the job database is unavailable; retry later",
+        headers={"Retry-After": "1"},
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -78,6 +94,21 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), None, exc.headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        # A database that is down, restarting or out of connections is the caller's cue to
+        # retry, not a server bug: 503 with Retry-After (pollers and `crucible.client` retry).
+        if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+            log.warning("database unavailable: %s", type(exc.orig).__name__)
+            return _database_unavailable()
+        log.exception("database error")
+        return error_response(500, "internal", "internal server error")
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(_: Request, exc: PoolTimeout) -> JSONResponse:
+        log.warning("database connection pool exhausted")
+        return _database_unavailable()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -101,8 +101,39 @@ def test_revoked_key_is_401(app_client: TestClient) -> None:
     store = app_client.app.state.store  # type: ignore[attr-defined]
     key_id, key = store.create_api_key("acme")
     assert app_client.get("/v1/merges", headers=_auth(key)).status_code == 200
+    job = app_client.post("/v1/merges", json=SPEC, headers=_auth(key)).json()
+    status_path = f"/v1/merges/{job['id']}"
+    assert app_client.get(status_path, headers=_auth(key)).status_code == 200
     store.revoke_api_key(key_id)
-    _error(app_client.get("/v1/merges", headers=_auth(key)), 401, "unauthorized")
+    # The status read checks the key in its own query (no shared dependency): same answer.
+    for path in ("/v1/merges", status_path):
+        err = _error(app_client.get(path, headers=_auth(key)), 401, "unauthorized")
+        assert err["message"] == "invalid or revoked API key"
+
+
+def test_database_down_is_503_not_500(app_client: TestClient, keys: dict) -> None:
+    """A database that refuses connections (down, restarting) is a 503 with Retry-After
+    on every route that needs it, never a 500."""
+    from crucible.store import JobStore
+    from tests.support.ports import free_port
+
+    app = app_client.app
+    job = app_client.post("/v1/merges", json=SPEC, headers=_auth(keys["acme"])).json()
+    live = app.state.store  # type: ignore[attr-defined]
+    dead = JobStore(f"postgresql+psycopg://crucible@127.0.0.1:{free_port()}/nothing")
+    app.state.store = dead  # type: ignore[attr-defined]
+    try:
+        for method, path in [
+            ("GET", f"/v1/merges/{job['id']}"),
+            ("GET", "/v1/merges"),
+            ("POST", "/v1/merges"),
+        ]:
+            resp = app_client.request(method, path, json=SPEC, headers=_auth(keys["acme"]))
+            _error(resp, 503, "database_unavailable")
+            assert resp.headers["retry-after"] == "1"
+    finally:
+        app.state.store = live  # type: ignore[attr-defined]
+        dead.close()
 
 
 def test_another_tenants_job_is_404(app_client: TestClient, keys: dict) -> None:

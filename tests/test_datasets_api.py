@@ -29,7 +29,6 @@ from crucible.spec import SplitSpec
 from crucible.store import JobStore, head_revision
 from crucible.store.datasets import best_trial
 from service.app import create_app
-from tests.support.postgres import throwaway_postgres_url
 
 LIMIT = 64 * 1024
 DATASET_ID = re.compile(r"^ds_[0-9a-z]{8,64}$")  # the pattern of crucible.spec.DatasetId
@@ -466,21 +465,6 @@ def test_handle_reads_rows_and_splits_by_label(client: TestClient, keys: dict) -
 
 
 # -- the store on both backends ---------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        s = JobStore(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "artifacts")
-        s.migrate()
-        yield s
-        s.close()
-        return
-    with throwaway_postgres_url() as url:
-        s = JobStore(url, tmp_path / "artifacts")
-        s.migrate()
-        yield s
-        s.close()
 
 
 def _add(store: JobStore, tenant: str, content: bytes) -> str:

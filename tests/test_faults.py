@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,9 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> Families:
     root = tmp_path_factory.mktemp("models")
     return Families(
         root=root,
-        slow=make_slow_family(root / "slow"),
+        # ~64M parameters per model: the faster engine finished the 25 MB family's TIES
+        # merge before a poll at 50 ms could see it mid-merge (three tests failed so).
+        slow=make_slow_family(root / "slow", n_layer=12, n_embd=512),
         tiny=make_gpt2_family(root / "tiny", n_experts=2, seed=3),
     )
 
@@ -83,15 +84,6 @@ def clean(families: Families, tmp_path_factory: pytest.TempPathFactory) -> dict[
         done = run_merge_job(spec, work / name, settings, QuietReporter())
         out[name] = file_hashes(done.output_dir)
     return out
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[OwnPostgres]:
-    pg = OwnPostgres().init()
-    try:
-        yield pg
-    finally:
-        pg.destroy()
 
 
 def mid_merge(client: PatientClient, job_id: str) -> dict[str, Any]:
@@ -247,7 +239,7 @@ def test_full_output_disk_fails_with_disk_full_and_leaves_nothing(
         service(tmp_path, postgres, families.root, artifacts=small) as svc,
     ):
         client = svc.client()
-        job_id = submit(client, spec_of(families.slow, TIES))  # ~25 MB of output
+        job_id = submit(client, spec_of(families.slow, TIES))  # ~250 MB of output
         job = client.wait(job_id)
         assert job["status"] == "failed", job
         assert job["error"]["code"] == "disk_full", job["error"]
@@ -263,13 +255,11 @@ def test_full_output_disk_fails_with_disk_full_and_leaves_nothing(
 def test_cancel_mid_merge_stops_the_worker_and_removes_the_partial_output(
     tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
 ) -> None:
-    # A merge long enough on a quiet machine (the engine got faster) that the cancel, which
-    # goes through the database and the worker's poll, lands before the last tensor:
-    # ~64M parameters per model.
-    big = make_slow_family(families.root / "big", n_layer=12, n_embd=512)
+    # The slow family's merge is long enough that the cancel, which goes through the
+    # database and the worker's poll, lands before the last tensor.
     with service(tmp_path, postgres, families.root) as svc:
         client = svc.client()
-        job_id = submit(client, spec_of(big, TIES))
+        job_id = submit(client, spec_of(families.slow, TIES))
         mid_merge(client, job_id)
         asked = time.monotonic()
         resp = client.request("POST", f"/v1/merges/{job_id}/cancel")

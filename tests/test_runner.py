@@ -482,6 +482,8 @@ def test_crucible_reap_requeues_a_lost_job_through_the_broker(
         "failed": [],
         "unsent": [],
         "resent": [],
+        "webhooks": [],
+        "webhooks_unsent": [],
     }
     held = store.ownership(job.id)
     assert held is not None and held.status == "queued" and held.worker is None

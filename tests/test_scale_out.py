@@ -80,15 +80,6 @@ def single(family: Family, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return hashes
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[OwnPostgres]:
-    pg = OwnPostgres().init()
-    try:
-        yield pg
-    finally:
-        pg.destroy()
-
-
 @contextmanager
 def service(work: Path, postgres: OwnPostgres, family: Family, **env: str) -> Iterator[Service]:
     """API + two Celery workers (concurrency 1 each) that split every job into 2 parts."""

@@ -314,7 +314,19 @@ def test_secrets_never_leak(world: dict[str, Any]) -> None:
         _verify_signature(got.headers, got.body, SECRET_FAILED)
         assert json.loads(got.body)["error"]["code"] == "source_not_found"
 
-        # The worker runs the delivery task the API sends for jobs it finishes itself.
+        # The worker runs the delivery task the API sends for jobs it finishes itself. This
+        # job's webhook was delivered (the outbox never sends it again): make it owed, as
+        # the API leaves a job it cancelled while queued.
+        engine = create_engine(world["db_url"])
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE jobs SET webhook_state = 'pending', webhook_claim = NULL, "
+                    "webhook_claimed_at = NULL WHERE id = :id"
+                ),
+                {"id": job_id},
+            )
+        engine.dispose()
         sender = Celery(broker=world["redis_url"])
         sender.send_task("crucible.deliver_webhook", args=[job_id], queue="gpu")
         assert len(hook.wait_for(4)) == 4

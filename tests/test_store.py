@@ -423,7 +423,7 @@ def test_migrate_twice_is_a_noop(store: JobStore) -> None:
     store.migrate()
     assert set(inspect(store.engine).get_table_names()) == tables
     assert {"jobs", "job_events", "api_keys", "alembic_version"} <= tables
-    assert store.current_revision() == head_revision() == "0003"
+    assert store.current_revision() == head_revision() == "0004"
     assert store.get_job(job.id) == job
 
 
@@ -577,6 +577,54 @@ def test_api_keys_malformed_or_forged(store: JobStore) -> None:
         f"crk_0000000000000000_{secret}",
     ]:
         assert store.verify_api_key(bad) is None, bad
+
+
+def test_job_for_key_checks_the_key_and_the_tenant_in_one_read(store: JobStore) -> None:
+    """The status read's combined key check and job read answers exactly as
+    verify_api_key followed by get_job(tenant) would."""
+    key_id, key = store.create_api_key("acme")
+    _, other_key = store.create_api_key("globex")
+    job = new_job(store, "acme")
+    store.add_event(job.id, "stage", "resolve", {"n": 1})
+    tenant, got = store.job_for_key(key, job.id)
+    assert tenant == "acme" and got == store.get_job(job.id, "acme")
+    assert got is not None and [e.message for e in got.events][-1] == "resolve"
+    assert store.job_for_key(other_key, job.id) == ("globex", None)  # not globex's: 404
+    assert store.job_for_key(key, "job_does_not_exist") == ("acme", None)
+    secret = key.split("_", 2)[2]
+    flipped = secret[:-1] + ("A" if secret[-1] != "A" else "B")
+    for bad in ["", "garbage", f"crk_{key_id}_{flipped}", f"crk_0000000000000000_{secret}"]:
+        assert store.job_for_key(bad, job.id) == (None, None), bad
+    store.revoke_api_key(key_id)
+    assert store.job_for_key(key, job.id) == (None, None)  # revoked: 401 at once
+
+
+def test_reads_survive_connections_cut_by_the_server(pg_url: str) -> None:
+    """Pooled read connections cut by PostgreSQL (as a restart does) cost a read nothing:
+    the read engine has no pre-ping, so the dead connection is found by the query, the
+    pool is invalidated and the read runs once more."""
+    store = JobStore(pg_url)
+    try:
+        store.migrate()
+        _, key = store.create_api_key("acme")
+        job = new_job(store, "acme")
+        assert store.job_for_key(key, job.id)[1] is not None  # a pooled read connection
+        killer = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+        with killer.connect() as conn:
+            cut = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        killer.dispose()
+        assert cut >= 1
+        tenant, got = store.job_for_key(key, job.id)
+        assert tenant == "acme" and got is not None and got.id == job.id
+        assert store.verify_api_key(key) == "acme"
+        assert store.get_job(job.id) is not None
+    finally:
+        store.close()
 
 
 def test_database_never_holds_the_plaintext_key(store: JobStore, tmp_path: Path) -> None:

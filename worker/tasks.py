@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -24,6 +26,15 @@ from crucible.runner import execute_job, is_db_transient, store_call
 from crucible.secrets import check_secrets_key
 from crucible.settings import Settings, get_settings
 from crucible.split import chord_backend
+from crucible.stats.fanout import (
+    AFTER_STATS_TASK,
+    EXPERT_STATS_TASK,
+    either,
+    run_after,
+    run_expert,
+    stats_hook,
+)
+from crucible.stats.fanout import chord_sender as stats_sender
 from crucible.store import JobStore
 from crucible.webhooks import DELIVER_WEBHOOK_TASK, deliver
 from worker.app import celery
@@ -60,7 +71,10 @@ def _context() -> tuple[JobStore, Settings]:
 def run_merge(self: Task, job_id: str) -> str | None:
     try:
         store, settings = _context()
-        split = split_hook(store, settings, chord_sender(merge_part, assemble_parts))
+        split = either(
+            stats_hook(store, settings, stats_sender(expert_statistics, after_statistics)),
+            split_hook(store, settings, chord_sender(merge_part, assemble_parts)),
+        )
         with bind_job(job_id):  # every log line of the job carries its id
             return execute_job(job_id, store, settings, split=split)
     except Exception as exc:
@@ -89,15 +103,21 @@ def merge_part(
     """One scale-out part of a job's merge stage (crucible.parts)."""
     store, settings = _context()
     may_retry = self.request.retries < settings.retry_attempts
-    with bind_job(job_id):
-        try:
-            return run_part(job_id, owner, key, part, total, store, settings, may_retry)
-        except Exception as exc:
-            if may_retry and part_retryable(exc):
-                raise self.retry(
-                    exc=exc, countdown=PART_RETRY_SECONDS, max_retries=settings.retry_attempts
-                ) from exc
-            raise
+    with bind_job(job_id), _retried_alone(self, may_retry, settings):
+        return run_part(job_id, owner, key, part, total, store, settings, may_retry)
+
+
+@contextmanager
+def _retried_alone(task: Task, may_retry: bool, settings: Settings) -> Iterator[None]:
+    """A scale-out task's retryable failure becomes a Celery retry of that task alone."""
+    try:
+        yield
+    except Exception as exc:
+        if may_retry and part_retryable(exc):
+            raise task.retry(
+                exc=exc, countdown=PART_RETRY_SECONDS, max_retries=settings.retry_attempts
+            ) from exc
+        raise
 
 
 @celery.task(name=ASSEMBLE_PARTS_TASK, acks_late=True)
@@ -106,6 +126,32 @@ def assemble_parts(job_id: str, owner: str, key: str, count: int) -> str | None:
     store, settings = _context()
     with bind_job(job_id):
         return run_assembly(job_id, owner, key, count, store, settings)
+
+
+@celery.task(
+    bind=True,
+    name=EXPERT_STATS_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=False,  # the chord counts its tasks' results
+)
+def expert_statistics(
+    self: Task, job_id: str, owner: str, expert: dict[str, Any], keys: list[str]
+) -> str | None:
+    """One expert's statistics for a job whose statistics stage fanned out
+    (crucible.stats.fanout)."""
+    store, settings = _context()
+    may_retry = self.request.retries < settings.retry_attempts
+    with bind_job(job_id), _retried_alone(self, may_retry, settings):
+        return run_expert(job_id, owner, expert, keys, store, settings, may_retry)
+
+
+@celery.task(name=AFTER_STATS_TASK, acks_late=True)
+def after_statistics(job_id: str, owner: str) -> str | None:
+    """The chord callback: the rest of the job once every expert's Grams are cached."""
+    store, settings = _context()
+    with bind_job(job_id):
+        return run_after(job_id, owner, store, settings)
 
 
 @celery.task(name=DELIVER_WEBHOOK_TASK, acks_late=True)

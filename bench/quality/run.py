@@ -37,6 +37,8 @@ from stack import Stack, submit, trials, upload, wait
 from tasks import TASKS, Example, read_jsonl
 
 HERE = Path(__file__).resolve().parent
+COMMAND = "nice -n 19 .venv/bin/python " + shlex.join(["bench/quality/run.py", *sys.argv[1:]])
+EXPERTS_COMMAND = "nice -n 19 .venv/bin/python bench/quality/make_experts.py  # experts (cached)"
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 
@@ -51,6 +53,9 @@ class Config:
     grams: bool = False
     tuned: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per-row changes to the run's settings (keys of `settings_of`: groups, trials,
+    # gram_samples, ...), so variants of one method can share a run.
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def _m(name: str, **params: Any) -> dict[str, Any]:
@@ -58,6 +63,7 @@ def _m(name: str, **params: Any) -> dict[str, Any]:
 
 
 TA, TIES = "task_arithmetic", "ties"
+_BMM_TSV = _m("bmm", gram="activations", anchor="tsv")
 CONFIGS: list[Config] = [
     Config("ta_0.3", "task_arithmetic (scale 0.3)", _m(TA, scale=0.3)),
     Config("ta_1.0", "task_arithmetic (scale 1.0)", _m(TA, scale=1.0)),
@@ -80,7 +86,47 @@ CONFIGS: list[Config] = [
         grams=True,
         tuned=True,
     ),
+    # Variants of tuned data-assisted bmm (ids start with `bmm_act_tuned`): report.targets
+    # takes the one with the best *validation* score as the benchmark's tuned bmm.
+    # merge-math.md section 10.3 lists TSV-M among the anchors (the paper's ablation uses one).
+    Config("bmm_act_tsv", "bmm activations, tsv anchor", _BMM_TSV, grams=True),
+    Config(
+        "bmm_act_tuned_tsv", "bmm activations, tsv anchor (tuned)", _BMM_TSV, grams=True, tuned=True
+    ),
+    Config(
+        "bmm_act_tuned_block",
+        "bmm activations (tuned, groups block)",
+        _m("bmm", gram="activations"),
+        grams=True,
+        tuned=True,
+        settings={"groups": "block"},
+    ),
+    Config(
+        "bmm_act_tuned_tsv_block",
+        "bmm activations, tsv anchor (tuned, groups block)",
+        _BMM_TSV,
+        grams=True,
+        tuned=True,
+        settings={"groups": "block"},
+    ),
+    Config(
+        "bmm_act_tuned_tsv_g1024",
+        "bmm activations, tsv anchor, Grams on all train rows (tuned)",
+        _BMM_TSV,
+        grams=True,
+        tuned=True,
+        settings={"gram_samples": 1024},
+    ),
 ]
+SETTINGS = ("trials", "init_trials", "groups", "batch", "tune_samples", "gram_samples")
+
+
+def settings_of(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings with the row's own changes."""
+    unknown = set(cfg.settings) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"{cfg.id}: unknown settings {sorted(unknown)}")
+    return {k: getattr(args, k) for k in SETTINGS} | cfg.settings
 
 
 def machine() -> dict[str, Any]:
@@ -119,6 +165,7 @@ def spec_for(
         if cfg.grams:
             ref["dataset"] = ids[task]["train"]
         experts.append(ref)
+    st = settings_of(cfg, args)
     spec: dict[str, Any] = {
         "base": {"uri": models.base.as_uri()},
         "experts": experts,
@@ -126,18 +173,22 @@ def spec_for(
         "output": {"dtype": "float32"},
     }
     if cfg.grams:
-        spec["statistics"] = {"max_samples": args.gram_samples, "max_length": 128, "batch_size": 16}
+        spec["statistics"] = {
+            "max_samples": st["gram_samples"],
+            "max_length": 128,
+            "batch_size": 16,
+        }
     if cfg.tuned:
         spec["tuning"] = {
             "dataset": {task: ids[task]["validation"] for task in models.experts},
             "metric": "accuracy",
-            "trials": args.trials,
-            "init_trials": args.init_trials,
-            "groups": args.groups,
-            "batch": args.batch,
+            "trials": st["trials"],
+            "init_trials": st["init_trials"],
+            "groups": st["groups"],
+            "batch": st["batch"],
             # The test files never reach the service: tune on all of validation.
             "split": {"validation": 1.0, "test": 0.0, "seed": 0},
-            "max_samples": args.tune_samples,
+            "max_samples": st["tune_samples"],
         }
     return spec | cfg.extra
 
@@ -207,6 +258,8 @@ def run_config(
         "wall_seconds": _seconds(job["started_at"], job["finished_at"]),
         "client_seconds": time.monotonic() - t0,
         "stages": stage_seconds(job),
+        "settings": settings_of(cfg, args),
+        "command": COMMAND,
     }
     if job["status"] != "succeeded":
         console.print(f"  [red]{job['status']}[/]: {json.dumps(job['error'])}")
@@ -224,6 +277,18 @@ def run_config(
     mean = sum(row["per_task"].values()) / len(row["per_task"])
     console.print(f"  done in {row['wall_seconds']:.0f} s; test accuracy (mean) {mean:.1%}")
     return row
+
+
+def order_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """base and experts first, then the CONFIGS order (runs added later slot in)."""
+    rank = {cid: i for i, cid in enumerate(["base", "experts", *(c.id for c in CONFIGS)])}
+    return sorted(rows, key=lambda r: rank.get(r["id"], len(rank)))
+
+
+def commands(rows: list[dict[str, Any]]) -> list[str]:
+    """The commands that produced the rows (rows of older runs carry none), then this one."""
+    runs = [r["command"] for r in rows if r.get("command")]
+    return list(dict.fromkeys([EXPERTS_COMMAND, *runs, COMMAND]))
 
 
 def parse_args() -> argparse.Namespace:
@@ -244,6 +309,21 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="run nothing: rebuild the table and RESULTS.md from <cache>/results.partial.json "
         "(the rows an interrupted run finished)",
+    )
+    parser.add_argument(
+        "--merge-partial",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --from-partial: also take the rows of this JSON list (another cache's "
+        "results.partial.json, or rows kept from an older run) whose ids are not in the "
+        "partial file yet; repeatable",
+    )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the rows of <cache>/results.partial.json (base and experts scores included) "
+        "and run only --methods, replacing rows with the same id",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="default: RESULTS.md here (none with --eval-only)"
@@ -268,10 +348,19 @@ def main() -> None:
         for split in ("validation", "test")
     }
     partial = models.cache / "results.partial.json"
-    if args.from_partial:
-        table_rows: list[dict[str, Any]] = json.loads(partial.read_text())
-    else:
+    keep = args.from_partial or (args.add and partial.is_file())
+    if keep:
+        replaced = {c.id for c in wanted} if not args.from_partial else set()
+        table_rows: list[dict[str, Any]] = [
+            r for r in json.loads(partial.read_text()) if r["id"] not in replaced
+        ]
+        for extra in args.merge_partial if args.from_partial else []:
+            have = {r["id"] for r in table_rows}
+            table_rows += [r for r in json.loads(extra.read_text()) if r["id"] not in have]
+        table_rows = order_rows(table_rows)
+    if not args.from_partial:
         bank = HeadBank(models.experts)
+    if not keep:
         console.print("scoring the base encoder and the experts on the test files ...")
         table_rows = [
             {"id": "base", "label": "base (pretrained encoder)",
@@ -294,22 +383,17 @@ def main() -> None:
             console.print(f"uploaded datasets: {json.dumps(ids)}")
             for cfg in wanted:
                 table_rows.append(run_config(cfg, stack, client, models, ids, bank, rows, args))
+                table_rows = order_rows(table_rows)
                 partial.write_text(json.dumps(table_rows, indent=2, default=str))
     summarize(table_rows)
     results = {
-        "commands": [
-            "nice -n 19 .venv/bin/python bench/quality/make_experts.py  # experts (cached)",
-            ".venv/bin/python " + shlex.join(["bench/quality/run.py", *sys.argv[1:]]),
-        ],
+        "commands": commands(table_rows),
         "machine": machine(),
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_seconds": time.monotonic() - t_start,
         "recipe": RECIPE,
-        "settings": {
-            k: getattr(args, k)
-            for k in ("trials", "init_trials", "groups", "batch", "tune_samples", "gram_samples")
-        },
+        "settings": {k: getattr(args, k) for k in SETTINGS},
         "tasks": {
             t: {"labels": list(TASKS[t]), "rows": models.summary["experts"][t]["rows"]}
             for t in models.experts

@@ -209,3 +209,29 @@ def test_normalized_accuracy_and_targets() -> None:
     assert lines[2].startswith("PASS") and "bmm df" in lines[2]  # 0.9 vs ta 0.75
     assert lines[3].startswith("MISS") and "ace" in lines[3]  # 0.75 vs 0.75: not beaten
     assert lines[4].startswith("MISS") and "12.5%" in lines[4]  # merge + swap share
+
+
+def test_tuned_bmm_variant_is_picked_by_validation_not_test() -> None:
+    def tuned(cid: str, val: float, test: tuple[float, float]) -> dict[str, object]:
+        return {
+            "id": cid,
+            "label": cid,
+            "per_task": {"t1": test[0], "t2": test[1]},
+            "service_metrics": {"tuning": {"validation": {"value": val}}},
+        }
+
+    rows = [
+        {"id": "experts", "label": "experts", "per_task": {"t1": 1.0, "t2": 1.0}},
+        {"id": "tsv", "label": "tsv", "per_task": {"t1": 0.97, "t2": 0.97}},
+        # Best on test, worse on validation: must not be the one judged.
+        tuned("bmm_act_tuned", 0.90, (0.99, 0.99)),
+        tuned("bmm_act_tuned_tsv", 0.93, (0.96, 0.96)),
+        # An untuned bmm variant is another method, not a candidate.
+        {"id": "bmm_act_tsv", "label": "bmm_act_tsv", "per_task": {"t1": 0.5, "t2": 0.5}},
+    ]
+    lines = targets(summarize(rows))
+    assert "bmm_act_tuned_tsv" in lines[0] and "93.0%" in lines[0]
+    assert "of its 2 variants" in lines[0]
+    assert lines[1].startswith("PASS") and "96.0%" in lines[1]
+    # judged against tsv (97.0%), never against its own sibling bmm_act_tuned (99.0%)
+    assert lines[2].startswith("MISS") and "tsv at 97.0%" in lines[2] and "-1.0 points" in lines[2]

@@ -156,3 +156,15 @@ class MethodInfo:
     # vectors (linear, task_arithmetic): (params, weights) -> [c_t]. A merge of LoRA
     # adapters into a LoRA output then never forms d_out x d_in (merge-math.md section 11).
     delta_coefficients: Callable[[Any, list[float]], list[float]] | None = None
+    # False for methods whose result does not depend on the base's values (linear averages
+    # the experts only): the engine then does not read the base's float tensors (a fifth of
+    # a 4-expert merge's input) and hands a placeholder of the right shape and dtype,
+    # filled with NaN so a method that reads it anyway fails check_finite loudly.
+    needs_base: bool = True
+    # Work for a chunk of rows that needs none of the inputs' values (DARE's random masks):
+    # a streamed merge runs prepare(name, shape, rows, params, experts) on its prefetch
+    # thread, ahead of the merge, for rows [start, stop) of the tensor (None: all of it),
+    # and hands the result to merge as ctx.extra["prepared"] = (those rows, result) with
+    # every block of the chunk; merge takes its block's part, or does the work itself when
+    # the key is absent.
+    prepare: Callable[[str, tuple[int, ...], tuple[int, int] | None, Any, int], Any] | None = None

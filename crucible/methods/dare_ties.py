@@ -67,4 +67,5 @@ METHOD = MethodInfo(
     params=Params,
     merge=merge,
     elementwise=True,
+    prepare=dare_linear.prepare_masks,
 )

@@ -71,4 +71,5 @@ METHOD = MethodInfo(
     merge=merge,
     elementwise=True,
     delta_coefficients=coefficients,
+    needs_base=False,
 )

@@ -102,7 +102,7 @@ def cut_keeping(mag: torch.Tensor, k: int) -> MagnitudeCut | None:
     if k >= mag.numel():
         return None
     threshold = kth_largest(mag, k)
-    return MagnitudeCut(threshold, k - _count(mag > threshold))
+    return MagnitudeCut(threshold, k - _count_above(mag.reshape(-1), threshold))
 
 
 # Up to this many entries kthvalue is used as is. It copies the tensor and allocates int64
@@ -148,12 +148,17 @@ def _select_between(flat: torch.Tensor, k: int, lower: float, upper: float) -> f
     """The k-th largest if it lies in [lower, upper] and few entries do; else None."""
     import torch
 
-    above = _count(flat > upper)
-    inside = (flat >= lower) & (flat <= upper)
-    count = _count(inside)
+    above, count, parts = 0, 0, []
+    for sl in _slices(flat):  # one pass: the counts and the candidates
+        above += _count(sl > upper)
+        inside = (sl >= lower).logical_and_(sl <= upper)
+        got = _count(inside)
+        if got and count + got <= CANDIDATES_MAX:
+            parts.append(sl[inside])
+        count += got
     if not above < k <= above + count or count > CANDIDATES_MAX:
         return None
-    candidates = flat[inside]
+    candidates = torch.cat(parts)
     return float(torch.kthvalue(candidates, count - (k - above) + 1).values)
 
 
@@ -176,8 +181,43 @@ def _bisect(flat: torch.Tensor, k: int) -> float:
     return float(torch.tensor(lo, dtype=bits.dtype).view(flat.dtype))
 
 
+# Whole-tensor statistics (counts, the bracket's candidates) run over slices of this many
+# entries: every temporary (a bool mask, the selected candidates) then stays in the caches
+# and in reused heap memory. On whole tensors of 16 Mi entries each fresh temporary
+# page-faulted (4-6 ms per Mi entries for an abs or a subtraction) and masked_select
+# cost 18 ms per Mi entries.
+STATS_SLICE = 2**18
+
+
+def _slices(flat: torch.Tensor) -> list[torch.Tensor]:
+    return [flat[i : i + STATS_SLICE] for i in range(0, flat.numel(), STATS_SLICE)]
+
+
+def _count_above(flat: torch.Tensor, value: float, inclusive: bool = False) -> int:
+    """count(flat > value) (or >= with `inclusive`) of a flat tensor, slice by slice."""
+    return sum(_count(sl >= value if inclusive else sl > value) for sl in _slices(flat))
+
+
+def _float_bits(value: float, dtype: torch.dtype) -> int:
+    """The bit pattern of `value` rounded to `dtype`, as comparisons with it round it."""
+    import torch
+
+    return int(torch.tensor(value, dtype=dtype).view(_BITS[dtype][0]))
+
+
+def _above_bits(mag: torch.Tensor, bound: int, inf_bits: int, shift: int) -> torch.Tensor:
+    """All ones where bound < mag <= inf_bits, else zero, for the non-negative bit
+    patterns `mag` of magnitudes (consumed: modified in place). NaN patterns lie above
+    inf_bits; the differences cannot overflow, both terms lying in [-2^(w-1), 2^(w-1))."""
+    import torch
+
+    mask = torch.sub(bound, mag)  # < 0 where mag > bound
+    mask.bitwise_and_(mag.sub_(inf_bits + 1))  # and < 0 where mag is not NaN
+    return mask.bitwise_right_shift_(shift)
+
+
 def _count(mask: torch.Tensor) -> int:
-    """True entries of a boolean mask. bool.sum() would first make an int64 copy of the
+    """True (non-zero) entries of a mask. bool.sum() would first make an int64 copy of the
     mask (8 bytes per entry: 0.5 GB for a 65M-entry embedding)."""
     import torch
 
@@ -190,7 +230,47 @@ def apply_cut(tau: torch.Tensor, cut: MagnitudeCut | None) -> torch.Tensor:
 
     if cut is None:
         return tau
+    _init_bits()
+    if tau.dtype in _BITS and cut.threshold >= 0:
+        trimmed = _trim_bits(tau, cut)
+        if trimmed is not None:
+            return trimmed
     return torch.where(keep_mask(tau, cut), tau, 0.0)
+
+
+# Float dtype -> (integer type of its width, bits of +inf, sign shift). Masks below are
+# built with integer ops on the float's bits: torch's bool kernels (comparisons, where,
+# masked_fill, bool -> float) ran at 2-10 ms per Mi entries on the bench machine, integer
+# and float arithmetic at 0.1-0.7, and the bits give the same values exactly.
+_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {}
+
+
+def _init_bits() -> None:
+    import torch
+
+    if not _BITS:
+        _BITS[torch.float32] = (torch.int32, 0x7F800000, 31)
+        _BITS[torch.float64] = (torch.int64, 0x7FF0000000000000, 63)
+
+
+def _trim_bits(tau: torch.Tensor, cut: MagnitudeCut) -> torch.Tensor | None:
+    """torch.where(keep_mask(tau, cut), tau, 0.0), exactly (NaN dropped, +-inf kept, the
+    cut's room spent the same way), with integer ops: non-negative IEEE floats order like
+    their bit patterns, so with m = bits(|tau|) and t = bits(threshold) the kept entries
+    are t < m <= inf, or t <= m <= inf while the room lasts. None (the caller takes the
+    bool path) when the block has more ties at the threshold than room: once per tensor."""
+    ints, inf_bits, shift = _BITS[tau.dtype]
+    bound = _float_bits(cut.threshold + 0.0, tau.dtype)
+    tau = tau.contiguous()
+    mag = tau.abs().view(ints)
+    if cut.room > 0:
+        ties = mag.numel() - _count(mag - bound)  # count_nonzero: any dtype
+        if ties > cut.room:
+            return None
+        cut.room -= ties
+        bound -= 1  # keep every tie: m > t - 1
+    mask = _above_bits(mag, bound, inf_bits, shift)
+    return mask.bitwise_and_(tau.view(ints)).view(tau.dtype)
 
 
 def keep_mask(tau: torch.Tensor, cut: MagnitudeCut) -> torch.Tensor:
@@ -242,6 +322,11 @@ def elect_and_merge(
     stacked = torch.empty((len(deltas), *first.shape), dtype=first.dtype, device=first.device)
     for t, delta in enumerate(deltas):
         torch.mul(delta, w[t], out=stacked[t])
+    if majority_sign not in ("total", "count"):
+        raise ValueError(f"unknown majority_sign {majority_sign!r}")
+    fast = _elect_and_merge_fast(base, stacked, w, majority_sign, normalize, scale)
+    if fast is not None:
+        return fast
     w = w.reshape((len(weights),) + (1,) * base.dim())
 
     positive = stacked > 0
@@ -267,6 +352,56 @@ def elect_and_merge(
         for t in range(len(weights)):
             divisor.add_(agree[t], alpha=float(w[t]))
         divisor.masked_fill_(divisor == 0, 1)
+        mixed.div_(divisor)
+    if scale != 1:
+        mixed.mul_(scale)
+    return base + mixed
+
+
+def _elect_and_merge_fast(
+    base: torch.Tensor,
+    stacked: torch.Tensor,
+    w: torch.Tensor,
+    majority_sign: MajoritySign,
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor | None:
+    """elect_and_merge's steps 3-5 on the weighted stack with float ops only
+    (no bool tensors), giving the same bits; None (the caller takes the bool path) when
+    the stack holds a non-finite entry or is not float32/float64.
+
+    For finite x: the elected sign s is +1 where the total (or the count difference, the
+    sum of signs) is >= 0, else -1, and delta_t agrees where s * delta_t > 0."""
+    import torch
+
+    _init_bits()
+    if stacked.dtype not in _BITS:
+        return None
+    if majority_sign == "total":
+        total = stacked.sum(dim=0)
+        finite = bool(torch.isfinite(total.sum()))  # a NaN or inf entry reaches the total
+    else:
+        finite = bool(torch.isfinite(stacked.sum()))
+        total = stacked.sign().sum(dim=0)  # #positive - #negative, exact
+    if not finite:
+        return None
+    # s = 1 - 2 * [total < 0]: relu(-total) is > 0 exactly where total < 0 (-0 elects +).
+    s = torch.neg(total).relu_().sign_().mul_(-2).add_(1)
+    # s * delta_t > 0 exactly where delta_t agrees: relu keeps it and zeroes the rest, and
+    # a second * s restores delta_t (exact: s is +-1). The zeros may be -0 where
+    # masked_fill wrote +0; a sum of values equal but for zero signs has the same bits
+    # unless it is zero, and adding +0 below makes that zero +0 as before.
+    agreeing = stacked.mul_(s).relu_()
+    agreed = agreeing.sign() if normalize else None  # agree_t as 1.0 / +-0.0
+    mixed = agreeing.mul_(s).sum(dim=0).add_(0.0)
+    if agreed is not None:
+        # sum_t agree_t * w_t as the bool path adds it: +-0 * w_t adds nothing to a
+        # non-zero divisor and leaves a zero one +0 (the divisor starts at +0).
+        divisor = torch.zeros_like(mixed)
+        for t in range(len(stacked)):
+            divisor.add_(agreed[t], alpha=float(w[t]))
+        # A zero divisor (either sign) becomes 1: d + (1 - sign|d|), d itself elsewhere.
+        divisor.add_(torch.abs(divisor).sign_().neg_().add_(1))
         mixed.div_(divisor)
     if scale != 1:
         mixed.mul_(scale)

@@ -111,18 +111,21 @@ def file_manifest(out_dir: Path) -> list[dict[str, Any]]:
     writer (".<name>.<tag>.partial") are not part of the output and are skipped.
     """
     out_dir = Path(out_dir)
-    entries: list[dict[str, Any]] = []
-    for path in out_dir.rglob("*"):
-        if not path.is_file() or path.name.endswith(".partial"):
-            continue
-        entries.append(
-            {
-                "path": path.relative_to(out_dir).as_posix(),
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-            }
-        )
+    entries = [
+        manifest_entry(out_dir, path)
+        for path in out_dir.rglob("*")
+        if path.is_file() and not path.name.endswith(".partial")
+    ]
     return sorted(entries, key=lambda e: e["path"])
+
+
+def manifest_entry(out_dir: Path, path: Path) -> dict[str, Any]:
+    """One file's {"path", "sha256", "bytes"}, its path relative to `out_dir`."""
+    return {
+        "path": path.relative_to(out_dir).as_posix(),
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
 
 
 def remove_staging(output_dir: Path) -> None:

@@ -3,7 +3,7 @@
 Entry: `<artifacts_root>/grams/<key>/` holding Gram shards `grams-0000i-of-0000n.safetensors`
 (one per pass over the data), `model.safetensors.index.json` (tensor -> shard, so the
 folder opens with crucible.sources.resolve.open_artifact_folder) and `meta.json` (the key's
-inputs, examples, tokens, seconds).
+inputs, examples, tokens, seconds, and the worker that computed it: host and pids).
 
 The key is the sha256 of the canonical JSON of:
 - model: the expert's pinned Hub commit; for a local folder (no commit), a fingerprint of
@@ -50,6 +50,12 @@ META_FILE = "meta.json"
 STALE_PARTIAL_SECONDS = 24 * 3600
 # safetensors headers larger than this are not a model's (the format caps them at 100 MB).
 _MAX_HEADER = 100 * 1024 * 1024
+
+
+def worker_record() -> dict[str, Any]:
+    """Which process did the work: host, pid, and the parent pid (under a Celery prefork
+    pool, the worker's main process, which is what a test or an operator kills)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "worker_pid": os.getppid()}
 
 
 def folder_fingerprint(root: Path) -> str:
@@ -132,6 +138,13 @@ class GramCache:
             return _fetch_entry(self, key)
         return None
 
+    def has(self, key: str) -> bool:
+        """Whether the finished entry exists here or in the remote store (nothing fetched)."""
+        if (self.path(key) / META_FILE).is_file():
+            return True
+        store = self.artifacts
+        return store is not None and store.remote and store.exists(f"grams/{key}/{META_FILE}")
+
     def meta(self, key: str) -> dict[str, Any] | None:
         folder = self.lookup(key)
         if folder is None:
@@ -191,6 +204,7 @@ class EntryWriter:
             "key": self.key,
             "inputs": self.inputs,
             **facts,
+            "worker": worker_record(),
             "seconds": round(time.perf_counter() - self._started, 3),
             "created_at": time.time(),
         }

@@ -54,7 +54,7 @@ class StatsReporter(Protocol):
 
 
 @dataclass
-class _Job:
+class ExpertStats:
     """One expert whose Grams come from its dataset."""
 
     index: int
@@ -88,28 +88,13 @@ def compute_statistics(
         return None
     cache = GramCache(settings.artifacts_root, artifact_store(settings))
     folders: list[ResolvedModel | None] = [None] * len(spec.experts)
-    jobs: list[_Job] = []
-    for i, (ref, expert) in enumerate(zip(spec.experts, experts, strict=True)):
-        reporter.check_cancelled()
+    for i, ref in enumerate(spec.experts):
         if ref.grams is not None:
+            reporter.check_cancelled()
             folders[i] = resolve_model(
                 ref.grams, settings, on_event=reporter.event, token=hub_token
             )
-        elif ref.dataset is not None:
-            handle = datasets.get(ref.dataset)
-            if handle is None:
-                raise CrucibleError(
-                    "dataset_not_found",
-                    f"dataset {ref.dataset!r} of expert {_label(ref, i)} does not exist",
-                    {"dataset": ref.dataset, "expert": i},
-                )
-            jobs.append(_plan(i, ref, base, expert, handle, spec, settings))
-        else:  # MergeSpec refuses this; a guard for callers that build specs by hand
-            raise CrucibleError(
-                "invalid_spec",
-                f"expert {_label(ref, i)} names neither a dataset nor a grams folder",
-                {"expert": i},
-            )
+    jobs = plan_statistics(spec, base, experts, datasets, settings, reporter.check_cancelled)
 
     # Planned work: a cached expert's examples count once, a computed one's once per pass.
     total = sum(job.examples * (1 if cache.lookup(job.key) else len(job.groups)) for job in jobs)
@@ -131,13 +116,48 @@ def compute_statistics(
             def report(examples: int, start: int = done) -> None:
                 reporter.progress(start + examples, total, "examples")
 
-            folder = _collect(job, cache, reporter, device, report)
+            folder = collect_expert(job, cache, reporter, device, report)
             done += job.examples * len(job.groups)
         folders[job.index] = open_artifact_folder(folder)
     if jobs:
         reporter.progress(total, total, "examples")
     assert all(f is not None for f in folders)
     return [f for f in folders if f is not None]
+
+
+def plan_statistics(
+    spec: MergeSpec,
+    base: ResolvedModel,
+    experts: list[ResolvedModel],
+    datasets: Mapping[str, DatasetHandle],
+    settings: Settings,
+    check_cancelled: Callable[[], None],
+    only: int | None = None,
+) -> list[ExpertStats]:
+    """The experts whose Grams come from a dataset (spec order), each with its module
+    groups and cache key; no weights are loaded. Experts with `grams` are left out, and
+    with `only`, every expert but that one (a scale-out task plans its own expert)."""
+    jobs: list[ExpertStats] = []
+    for i, (ref, expert) in enumerate(zip(spec.experts, experts, strict=True)):
+        check_cancelled()
+        if ref.grams is not None or (only is not None and i != only):
+            continue
+        if ref.dataset is not None:
+            handle = datasets.get(ref.dataset)
+            if handle is None:
+                raise CrucibleError(
+                    "dataset_not_found",
+                    f"dataset {ref.dataset!r} of expert {_label(ref, i)} does not exist",
+                    {"dataset": ref.dataset, "expert": i},
+                )
+            jobs.append(_plan(i, ref, base, expert, handle, spec, settings))
+        else:  # MergeSpec refuses this; a guard for callers that build specs by hand
+            raise CrucibleError(
+                "invalid_spec",
+                f"expert {_label(ref, i)} names neither a dataset nor a grams folder",
+                {"expert": i},
+            )
+    return jobs
 
 
 def _label(ref: ExpertRef, index: int) -> str:
@@ -155,7 +175,7 @@ def _plan(
     handle: DatasetHandle,
     spec: MergeSpec,
     settings: Settings,
-) -> _Job:
+) -> ExpertStats:
     """The expert's module set, passes and cache key, from a weightless (meta) model."""
     from crucible.stats.activations import linear_modules, module_input_dims, plan_groups
 
@@ -194,7 +214,7 @@ def _plan(
         modules=modules.values(),
         estimator=ESTIMATOR,
     )
-    return _Job(
+    return ExpertStats(
         index=index,
         label=label,
         expert=expert,
@@ -278,7 +298,7 @@ def _load(expert: ResolvedModel, label: str) -> tuple[torch.nn.Module, list[str]
     return model, sorted(info.get("missing_keys") or ())
 
 
-def _load_expert(job: _Job) -> tuple[torch.nn.Module, list[str]]:
+def _load_expert(job: ExpertStats) -> tuple[torch.nn.Module, list[str]]:
     """The expert's model; a LoRA adapter's is the base with every tensor the adapter
     changes (W0 + ΔW, its modules_to_save) copied in place."""
     expert = job.expert
@@ -348,8 +368,8 @@ def _rows(handle: DatasetHandle, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _collect(
-    job: _Job,
+def collect_expert(
+    job: ExpertStats,
     cache: GramCache,
     reporter: StatsReporter,
     device: torch.device,

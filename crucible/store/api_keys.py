@@ -11,13 +11,16 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from crucible.store.models import ApiKeyRow, now_utc
+
+T = TypeVar("T")
 
 KEY_PREFIX = "crk_"
 _KEY = re.compile(r"crk_([0-9a-f]{16})_([A-Za-z0-9_-]{43,128})")
@@ -34,10 +37,30 @@ def parse_api_key(plaintext: str) -> tuple[str, str] | None:
     return (match[1], match[2]) if match else None
 
 
+# What `tenant_if_valid` reads, by key id; built once (every authenticated request runs it).
+KEY_ROW = select(ApiKeyRow.tenant, ApiKeyRow.secret_sha256, ApiKeyRow.revoked_at).where(
+    ApiKeyRow.id == bindparam("key_id")
+)
+
+
+def tenant_if_valid(row: Any, secret: str) -> str | None:
+    """The tenant of a key row (tenant, secret_sha256, revoked_at) whose stored hash matches
+    the secret; None for no row, a revoked key or another secret."""
+    if row is None or row.revoked_at is not None:
+        return None
+    # Constant-time compare, so response timing says nothing about the stored hash.
+    if not hmac.compare_digest(row.secret_sha256, _digest(secret)):
+        return None
+    return str(row.tenant)
+
+
 class ApiKeyMixin:
     """API-key methods of JobStore (same database, same transactions)."""
 
     def _tx(self, write: bool = False) -> AbstractContextManager[Session]:
+        raise NotImplementedError
+
+    def _read(self, query: Callable[[Session], T]) -> T:
         raise NotImplementedError
 
     def create_api_key(self, tenant: str, label: str | None = None) -> tuple[str, str]:
@@ -63,18 +86,10 @@ class ApiKeyMixin:
         if parsed is None:
             return None
         key_id, secret = parsed
-        with self._tx() as session:
-            row = session.execute(
-                select(ApiKeyRow.tenant, ApiKeyRow.secret_sha256, ApiKeyRow.revoked_at).where(
-                    ApiKeyRow.id == key_id
-                )
-            ).one_or_none()
-        if row is None or row.revoked_at is not None:
-            return None
-        # Constant-time compare, so response timing says nothing about the stored hash.
-        if not hmac.compare_digest(row.secret_sha256, _digest(secret)):
-            return None
-        return str(row.tenant)
+        row = self._read(
+            lambda session: session.connection().execute(KEY_ROW, {"key_id": key_id}).one_or_none()
+        )
+        return tenant_if_valid(row, secret)
 
     def revoke_api_key(self, key_id: str) -> bool:
         """True if the key exists (now revoked; revoking twice keeps the first time)."""

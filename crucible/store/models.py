@@ -77,6 +77,8 @@ class JobRow(Base):
         Index("ix_jobs_tenant_status_id", "tenant", "status", "id"),
         # The reaper looks for running jobs whose lease has expired.
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        # The webhook outbox reads the pending ones (jobs not finished or not delivered).
+        Index("ix_jobs_webhook_state", "webhook_state"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -105,6 +107,12 @@ class JobRow(Base):
     secrets: Mapped[str | None] = mapped_column(Text)
     # Webhook deliveries: [{at, url, status_code | error, attempt}], newest last.
     deliveries: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDoc)
+    # Webhook outbox (crucible/store/outbox.py): 'pending' from submit for a job with a
+    # webhook until a delivery run ends ('delivered' or 'failed'); NULL without a webhook.
+    # The run sending it now holds `webhook_claim` (a token), renewed at each attempt.
+    webhook_state: Mapped[str | None] = mapped_column(String(16))
+    webhook_claim: Mapped[str | None] = mapped_column(String(32))
+    webhook_claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Bytes of every input's weights (from the headers), for per-tenant limits.
     input_bytes: Mapped[int | None] = mapped_column(BigInteger)
 

@@ -38,7 +38,7 @@ from crucible.store import JobStore
 from crucible.store.events import EventRecord, TrialRecord
 from crucible.store.job_metrics import stage_of
 from service.auth import Tenant
-from service.errors import ApiError
+from service.errors import ApiError, job_not_found
 from service.storable import PathId
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
@@ -247,7 +247,7 @@ async def stream_merge_events(
                 [{"field": "header.last-event-id", "message": "malformed id"}],
             ) from None
     if await run_in_threadpool(store.job_state, job_id, tenant) is None:
-        raise ApiError(404, "not_found", f"no merge job {job_id!r}")
+        raise job_not_found(job_id)
     return StreamingResponse(
         job_event_stream(store, job_id, cursor, request.is_disconnected),
         media_type="text/event-stream",

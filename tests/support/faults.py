@@ -46,10 +46,9 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 def make_slow_family(
     root: Path, n_experts: int = 2, seed: int = 11, n_layer: int = 8, n_embd: int = 256
 ) -> tuple[Path, list[Path]]:
-    """A GPT-2 with 8 layers of width 256 (~100 tensors, 25 MB) and fine-tunes of it: a
-    TIES merge of it takes a few seconds here, so a fault can land mid-merge. Larger
-    `n_layer`/`n_embd` for faults that need a longer merge (a cancel goes through the
-    database and the worker's cancel poll)."""
+    """A GPT-2 (by default 8 layers of width 256: ~100 tensors, 25 MB) and fine-tunes of it.
+    Faults that must land mid-merge use 12 layers of width 512 (~64M parameters): the
+    engine merges the default size faster than a 50 ms poll can see it mid-merge."""
     torch.manual_seed(seed)
     config = GPT2Config(**{**TINY_GPT2, "n_layer": n_layer, "n_embd": n_embd, "n_head": 4})
     model = GPT2LMHeadModel(config).eval()

@@ -32,6 +32,7 @@ class WebhookReceiver(BackgroundServer):
         redirect_to: str | None = None,
         host: str = "127.0.0.1",
         tls: ssl.SSLContext | None = None,
+        port: int = 0,
     ) -> None:
         self.host = host  # any 127.x address listens on Linux loopback
         self.tls = tls  # a server-side context: HTTPS, recording the SNI names clients send
@@ -41,7 +42,9 @@ class WebhookReceiver(BackgroundServer):
         self.deliveries: list[Delivery] = []
         self._lock = threading.Lock()
         self._served: ServedHTTP | None = None
-        self.port = 0  # set by start(); kept after stop() (a port nobody listens on)
+        # 0: any free port, set by start(); a given one: a URL handed out before the
+        # receiver existed. Kept after stop() (a port nobody listens on).
+        self.port = port
 
     @property
     def url(self) -> str:
@@ -75,7 +78,7 @@ class WebhookReceiver(BackgroundServer):
             def log_message(self, format: str, *args: object) -> None:
                 return None
 
-        server = ThreadingHTTPServer((self.host, 0), Handler)
+        server = ThreadingHTTPServer((self.host, self.port), Handler)
         if self.tls is not None:
 
             def record_sni(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
