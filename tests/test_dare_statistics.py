@@ -1,9 +1,11 @@
 """DARE's random drop: unbiasedness, kept fraction, reproducibility, independence of masks,
 and dare_linear / dare_ties against the float64 formulas given the same masks.
 
-The mask recipe is re-derived here from its documentation (dare_linear.py): a CPU
-torch.Generator seeded with tensor_seed(seed, tensor name, expert index), float32 uniforms,
-keep where u < density. Changing that recipe changes every past job's output, so it is pinned.
+The mask recipe is re-derived here from its documentation (dare_linear.py): numpy's PCG64
+seeded with tensor_seed(seed, tensor name, expert index), its 64-bit outputs split into 32-bit
+words low word first, keep where word < round(density * 2**32). Changing that recipe changes
+every past job's output, so it is pinned (it changed once, on 2026-11-24, from torch.rand
+float32 uniforms, for speed).
 
 Statistical bounds are derived, not tuned: every check below holds with probability
 >= 1 - 1e-6 under the stated distribution, and seeds are fixed, so the test is deterministic.
@@ -34,9 +36,14 @@ def z_two_sided(alpha: float) -> float:
 def documented_mask(
     shape: tuple[int, ...], density: float, seed: int, name: str, i: int
 ) -> np.ndarray:
-    g = torch.Generator(device="cpu")
-    g.manual_seed(tensor_seed(seed, name, i))
-    return (torch.rand(shape, generator=g, dtype=torch.float32) < density).numpy()
+    n = math.prod(shape)
+    outputs = np.random.Generator(np.random.PCG64(tensor_seed(seed, name, i))).integers(
+        0, 2**64, size=(n + 1) // 2, dtype=np.uint64, endpoint=False
+    )
+    low = (outputs & np.uint64(0xFFFFFFFF)).astype(np.uint64)
+    high = outputs >> np.uint64(32)
+    words = np.stack([low, high], axis=1).reshape(-1)[:n]
+    return (words < np.uint64(round(density * 2**32))).reshape(shape)
 
 
 def merge(method: str, ctx: TensorContext, **params: Any) -> torch.Tensor:
