@@ -14,6 +14,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import crucible
 from crucible.errors import CrucibleError
 from crucible.publish.files import copy_support_files, file_manifest
 from crucible.publish.model_card import render_model_card
@@ -554,6 +555,7 @@ def test_model_card_front_matter_and_sections() -> None:
     }
     assert "| density | `0.2` |" in body
     assert "| lambda_ | `1.0` |" in body
+    assert f"Produced by Crucible {crucible.__version__}: 2 experts merged" in body
     assert f"| base | base | `hf://org/base` | `main` | `{'a' * 40}` | - |" in body
     assert f"| expert | legal | `hf://org/legal` | `v1` | `{'b' * 40}` | 0.7 |" in body
     # A pipe in a user-supplied name must not split the table row.

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+import crucible
 from crucible.sources.uri import parse_uri
 
 _SECRET_KEY = re.compile(r"secret|token|password|authorization|api[_-]?key", re.IGNORECASE)
@@ -99,8 +100,11 @@ def render_model_card(
     lines += [
         "# Merged LoRA adapter" if lora is not None else "# Merged model",
         "",
-        f"Produced by Crucible: {n_experts} expert{'s' if n_experts != 1 else ''} merged into "
-        f"{what} with the `{_cell(method)}` method.",
+        # The version too: a rerun of the same spec on another version may differ (e.g.
+        # DARE's mask stream changed on 2026-11-24).
+        f"Produced by Crucible {crucible.__version__}: {n_experts} "
+        f"expert{'s' if n_experts != 1 else ''} merged into {what} with the "
+        f"`{_cell(method)}` method.",
         "",
         "## Method",
         "",
