@@ -51,7 +51,7 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> Families:
     root = tmp_path_factory.mktemp("models")
     return Families(
         root=root,
-        # ~64M parameters per model: the faster engine finished the 25 MB family's TIES
+        # ~38M parameters (152 MB) per model: the faster engine finished the 25 MB family's TIES
         # merge before a poll at 50 ms could see it mid-merge (three tests failed so).
         slow=make_slow_family(root / "slow", n_layer=12, n_embd=512),
         tiny=make_gpt2_family(root / "tiny", n_experts=2, seed=3),

@@ -39,6 +39,7 @@ from tests.support.reporters import QuietReporter
 pytestmark = pytest.mark.e2e
 
 SHARD_SIZE = 3_000_000  # the ~25 MB model in about 9 shards
+BIG_SHARD_SIZE = 20_000_000  # the ~150 MB model in about 8 shards
 
 
 @dataclass
@@ -55,7 +56,16 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
     return Family(root, base, experts)
 
 
-def spec_of(family: Family) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def big_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """~38M parameters (152 MB): a part takes seconds, so a kill sent once both parts have started
+    lands mid-part (a part of the 25 MB family can finish within one 50 ms poll)."""
+    root = tmp_path_factory.mktemp("big-models")
+    base, experts = make_slow_family(root / "slow", n_layer=12, n_embd=512)
+    return Family(root, base, experts)
+
+
+def spec_of(family: Family, shard_size: int = SHARD_SIZE) -> dict[str, Any]:
     return {
         "base": {"uri": family.base.as_uri()},
         "experts": [
@@ -63,21 +73,24 @@ def spec_of(family: Family) -> dict[str, Any]:
             for e, w in zip(family.experts, [1.0, 0.6], strict=True)
         ],
         "method": {"name": "ties", "params": {"density": 0.5, "scale": 1.0}},
-        "output": {"dtype": "float32", "shard_size": SHARD_SIZE},
+        "output": {"dtype": "float32", "shard_size": shard_size},
     }
 
 
-@pytest.fixture(scope="module")
-def single(family: Family, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def single_run(family: Family, work: Path, shard_size: int) -> dict[str, str]:
     """File hashes of the merge run on one worker, in process (never split)."""
-    work = tmp_path_factory.mktemp("single")
     settings = Settings(data_dir=work / "data", allowed_local_dirs=[family.root])
-    spec = MergeSpec.model_validate(spec_of(family))
+    spec = MergeSpec.model_validate(spec_of(family, shard_size))
     done = run_merge_job(spec, work / "out", settings, QuietReporter())
     assert done is not None
     hashes = file_hashes(done.output_dir)
     assert sum(name.endswith(".safetensors") for name in hashes) >= 6
     return hashes
+
+
+@pytest.fixture(scope="module")
+def single(family: Family, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return single_run(family, tmp_path_factory.mktemp("single"), SHARD_SIZE)
 
 
 @contextmanager
@@ -167,8 +180,10 @@ def test_a_failed_part_is_retried_alone(
 
 
 def test_sigkill_of_a_worker_mid_part_still_ends_with_the_same_output(
-    tmp_path: Path, postgres: OwnPostgres, family: Family, single: dict[str, str]
+    tmp_path: Path, postgres: OwnPostgres, big_family: Family
 ) -> None:
+    family = big_family
+    single = single_run(family, tmp_path / "single", BIG_SHARD_SIZE)
     lease = {
         "CRUCIBLE_LEASE_SECONDS": "3",
         "CRUCIBLE_HEARTBEAT_SECONDS": "1",
@@ -176,7 +191,7 @@ def test_sigkill_of_a_worker_mid_part_still_ends_with_the_same_output(
     }
     with service(tmp_path, postgres, family, **lease) as svc:
         client = svc.client(180)
-        job_id = submit(client, spec_of(family))
+        job_id = submit(client, spec_of(family, BIG_SHARD_SIZE))
 
         def both_started() -> list[dict[str, Any]] | None:
             job = client.request("GET", f"/v1/merges/{job_id}").json()

@@ -47,7 +47,7 @@ def make_slow_family(
     root: Path, n_experts: int = 2, seed: int = 11, n_layer: int = 8, n_embd: int = 256
 ) -> tuple[Path, list[Path]]:
     """A GPT-2 (by default 8 layers of width 256: ~100 tensors, 25 MB) and fine-tunes of it.
-    Faults that must land mid-merge use 12 layers of width 512 (~64M parameters): the
+    Faults that must land mid-merge use 12 layers of width 512 (~38M parameters, 152 MB): the
     engine merges the default size faster than a 50 ms poll can see it mid-merge."""
     torch.manual_seed(seed)
     config = GPT2Config(**{**TINY_GPT2, "n_layer": n_layer, "n_embd": n_embd, "n_head": 4})
