@@ -270,9 +270,9 @@ def merge_model(
                 stack.callback(torch.set_num_threads, torch.get_num_threads())
                 torch.set_num_threads(ELEMENTWISE_THREADS)
                 ahead = [stack.enter_context(TensorReader(m)) for m in [base, *inputs.experts]]
-                chunks = stack.enter_context(
-                    Prefetcher(chunk_producer(streamed, method, ahead[0], ahead[1:], params_for))
-                )
+                pin = device.type == "cuda"
+                produce = chunk_producer(streamed, method, ahead[0], ahead[1:], params_for, pin)
+                chunks = stack.enter_context(Prefetcher(produce))
             reporter.progress(0, total, "tensors")
             for i, name in enumerate(names):
                 reporter.check_cancelled()
@@ -460,11 +460,14 @@ def chunk_producer(
     base: TensorReader,
     experts: list[TensorReader],
     params_for: Callable[[str], MethodParams] | None = None,
+    pin: bool = False,
 ) -> Callable[[Callable[[], int]], Iterator[tuple[int, Chunk]]]:
     """The prefetch thread's work: every chunk of `names`, in order, read with pread into
     one reused buffer per slot (no allocation, no page faults once the buffers are grown),
     with the method's `prepare` work for its rows (on this thread, in parallel with the
-    merge: DARE's mask draws were most of a dare_ties merge's time)."""
+    merge: DARE's mask draws were most of a dare_ties merge's time). `pin`: the buffers
+    are page-locked (merging on CUDA), so merge_chunks' uploads are DMA copies that do
+    not block the merge thread."""
     buffers: dict[int, torch.Tensor] = {}
     blockwise = method.elementwise or method.tensor_stats is not None
     stats = method.tensor_stats is not None
@@ -487,7 +490,9 @@ def chunk_producer(
                 need = sum(sizes)
                 if buf is None or buf.numel() < need or buf.numel() > 4 * max(need, CHUNK_BYTES):
                     buffers.pop(slot, None)  # free the old one before growing
-                    buf = buffers[slot] = torch.empty(max(need, 1), dtype=torch.uint8)
+                    buf = buffers[slot] = torch.empty(
+                        max(need, 1), dtype=torch.uint8, pin_memory=pin
+                    )
                 views, offset = [], 0
                 for i, (reader, size) in enumerate(zip(inputs, sizes, strict=True)):
                     if i == 0 and not method.needs_base:
@@ -571,6 +576,10 @@ def merge_chunks(
     shape = base_reader.info(name).shape
     extra: dict[str, Any] = {"shape": shape}
     first = True
+    # On CUDA the chunk's buffers are pinned and uploads are queued without waiting. The
+    # slot is released (and its buffer refilled) only after the block's download to the
+    # CPU, which is synchronous: by then the stream has consumed every upload from it.
+    upload = {"device": device, "dtype": COMPUTE_DTYPE, "non_blocking": device.type == "cuda"}
     while True:
         slot, chunk = next(chunks)
         try:
@@ -590,11 +599,11 @@ def merge_chunks(
             storage = chunk.experts[0].untyped_storage().data_ptr()
             for rows in chunk.blocks:
                 local = slice(None) if rows is None else slice(rows[0] - start, rows[1] - start)
-                experts = [e[local].to(device=device, dtype=COMPUTE_DTYPE) for e in chunk.experts]
+                experts = [e[local].to(**upload) for e in chunk.experts]
                 ctx = TensorContext(
                     name=name,
                     base=(
-                        chunk.base[local].to(device=device, dtype=COMPUTE_DTYPE)
+                        chunk.base[local].to(**upload)
                         if method.needs_base
                         else absent_base(experts[0])
                     ),

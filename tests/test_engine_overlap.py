@@ -164,6 +164,34 @@ CASES = [
 ]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("method", "params"), CASES, ids=[c[0] for c in CASES])
+def test_cuda_chunked_merge_equals_the_cpu_merge(
+    family: tuple[Path, list[Path], Settings],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    params: dict,
+) -> None:
+    """On CUDA the prefetch buffers are pinned and uploads are not waited for; a buffer
+    reused before its upload finished would corrupt blocks. Many small chunks over few
+    slots make reuse frequent; the float32 output must match the CPU merge's to float32
+    rounding (GPU kernels may fuse a multiply-add the CPU rounds twice)."""
+    base, experts, settings = family
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 20_000)
+    spec = _spec(base, experts, method, params, "float32")
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        run = settings.model_copy(update={"device": device})
+        outcome = pipeline.run_merge_job(spec, tmp_path / device, run, QuietReporter())
+        outputs[device] = load_file(str(outcome.output_dir / "model.safetensors"))
+    assert outputs["cuda"].keys() == outputs["cpu"].keys()
+    for name, expected in outputs["cpu"].items():
+        torch.testing.assert_close(outputs["cuda"][name], expected, rtol=1e-6, atol=1e-7)
+    wait_no_threads()
+
+
 @pytest.mark.parametrize("whole_bytes", [1 << 30, 0], ids=["stats-in-memory", "stats-reread"])
 @pytest.mark.parametrize(("method", "params"), CASES, ids=[c[0] for c in CASES])
 def test_chunked_merge_equals_the_whole_tensor_method(

@@ -7,7 +7,7 @@ each cache state (warm, cold) and run, interleaved so machine noise hits every t
 
 - floor: read every input file once (16 MiB reads) and write the output's size, fsynced;
 - crucible: `crucible merge <spec> --out ...` in a child process;
-- mergekit: `mergekit-yaml <config> <out> --lazy-unpickle --device cpu` in a child process
+- mergekit: `mergekit-yaml <config> <out> --lazy-unpickle --device cpu` (`--device cuda` for both tools) in a child process
   (same output dtype and shard size, --no-copy-tokenizer: the synthetic base has none).
 
 Per run: wall time of the child (interpreter start included, for both tools), input GB/s
@@ -190,13 +190,14 @@ def floor(files: list[Path], out_bytes: int, out: Path) -> Measure:
 # ----------------------------------------------------------------------------- configs
 
 
-def child_env(work: Path) -> dict[str, str]:
+def child_env(work: Path, device: str = "cpu") -> dict[str, str]:
+    hide_gpus = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
     return {
         **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
+        **hide_gpus,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "CRUCIBLE_DEVICE": "cpu",
+        "CRUCIBLE_DEVICE": device,
         "CRUCIBLE_DATA_DIR": str(work / "crucible-data"),
     }
 
@@ -268,6 +269,12 @@ def main() -> None:
         "--mergekit-dtype", default=None, help="mergekit's compute `dtype` (default: the inputs')"
     )
     ap.add_argument("--shard-bytes", type=int, default=10**9)
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="compute device of both tools (cuda: Crucible's pinned-buffer path)",
+    )
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args()
 
@@ -283,7 +290,7 @@ def main() -> None:
 
     work = cache_root() / f"work-{os.getpid()}"  # concurrent runs must not share it
     work.mkdir(parents=True)
-    env = child_env(work)
+    env = child_env(work, args.device)
     for method in args.methods:
         (work / f"{method}.json").write_text(
             json.dumps(crucible_spec(method, base, experts, args.out_dtype, args.shard_bytes))
@@ -297,7 +304,7 @@ def main() -> None:
             return [sys.executable, "-m", "crucible.cli", "merge", str(spec), "--out", str(out)]
         return [
             str(mk_exe), str(work / f"{method}.yml"), str(out), "--lazy-unpickle",
-            "--device", "cpu", "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+            "--device", args.device, "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
             "--out-shard-size", str(args.shard_bytes // out_elem),
         ]  # fmt: skip
 
