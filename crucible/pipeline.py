@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from crucible.datasets.storage import DatasetHandle
+    from crucible.tune.trials import TrialFanout
 
 
 class Reporter(Protocol):
@@ -69,6 +70,7 @@ def run_merge_job(
     hub_token: str | None = None,
     admit_inputs: Callable[[int], None] | None = None,
     split: Callable[[MergeSpec, MergeInputs], bool] | None = None,
+    trials: TrialFanout | None = None,
 ) -> MergeOutcome | None:
     """Run the whole merge; the output appears at `output_dir` only when complete.
 
@@ -83,6 +85,8 @@ def run_merge_job(
     pipeline then stops here and returns None. Called too when the statistics stage starts
     (`inputs.grams` still None): True means each expert's statistics went out as a task
     (crucible.stats.fanout), whose chord callback runs the rest of the job.
+    `trials`: the tune stage's way to run a batch's trials on other workers too
+    (crucible.tune.trials).
     """
     # A restarted job starts the merge cleanly: staging folders an earlier attempt left are
     # removed. Each attempt stages under its own name, so an attempt that lost its lease and
@@ -118,7 +122,7 @@ def run_merge_job(
             from crucible.tune.stage import tune_merge
 
             reporter.stage("tune")
-            tuned = tune_merge(spec, merge_inputs, found, settings, reporter, device)
+            tuned = tune_merge(spec, merge_inputs, found, settings, reporter, device, trials)
             spec = tuned.spec
         reporter.check_cancelled()
         reporter.stage("merge")

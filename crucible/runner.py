@@ -38,6 +38,7 @@ from crucible.webhooks import deliver
 if TYPE_CHECKING:
     from crucible.engine import MergeInputs
     from crucible.pipeline import MergeOutcome
+    from crucible.tune.trials import TrialFanout
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ SplitHook = Callable[[str, str, MergeSpec, "MergeInputs"], bool]
 # The work of a part task or of the chord callback, run under the parent's owner name:
 # (job, spec, reporter, hub token) -> the outcome to publish, or None (a part).
 OwnedWork = Callable[[Job, MergeSpec, "StoreReporter", "str | None"], "MergeOutcome | None"]
+# (job id, owner) -> the tune stage's trial fan-out for this attempt (crucible.tune.trials).
+TrialHook = Callable[[str, str], "TrialFanout"]
 
 # Errors that mean "the disk (or the file-size limit) is full", wherever they surface.
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -248,7 +251,11 @@ def _finish(
 
 
 def execute_job(
-    job_id: str, store: JobStore, settings: Settings, split: SplitHook | None = None
+    job_id: str,
+    store: JobStore,
+    settings: Settings,
+    split: SplitHook | None = None,
+    trials: TrialHook | None = None,
 ) -> str | None:
     """Run a delivered job to a terminal state; returns that status, or None when this
     delivery did not run it (a duplicate, or the job is not runnable, or lost midway) or
@@ -269,7 +276,10 @@ def execute_job(
     ) as lease:
         reporter = StoreReporter(store, job_id, settings, lease)
         try:
-            return _run(job, store, owner, settings, reporter, lease, output_dir, split=split)
+            return _run(
+                job, store, owner, settings, reporter, lease, output_dir, split=split,
+                trials=trials,
+            )  # fmt: skip
         finally:
             reporter.end_stage()
 
@@ -319,6 +329,7 @@ def _run(
     lease: Heartbeat,
     output_dir: Path,
     split: SplitHook | None = None,
+    trials: TrialHook | None = None,
     work: OwnedWork | None = None,
     retry_on: Callable[[BaseException], bool] | None = None,
 ) -> str | None:
@@ -345,6 +356,7 @@ def _run(
                 hub_token=secrets.hub_token,
                 admit_inputs=lambda n: admit_input_bytes(store, job_id, n, settings),
                 split=(lambda s, inputs: split(job_id, owner, s, inputs)) if split else None,
+                trials=trials(job_id, owner) if trials else None,
             )
         if outcome is None:  # merged by parts: their chord callback publishes
             return None

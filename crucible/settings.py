@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     # and the rest of the job in the chord's callback (crucible.stats.fanout); Redis
     # broker only. 0: never; fewer misses: computed one after another by the job's worker.
     stats_fanout_min_experts: int = Field(default=2, ge=0)
+    # A tuned job whose tuning.batch is at least this runs each BO batch's trials on any
+    # free worker, its own worker helping (crucible.tune.trials); Redis broker and a local
+    # artifact folder the workers share only. 0: never.
+    trial_fanout_min_batch: int = Field(default=2, ge=0)
     # Fernet key (urlsafe base64, 32 bytes) encrypting request secrets at rest. Unset in
     # embedded mode: a key is generated once under the data dir (mode 0600).
     secrets_key: SecretStr | None = None

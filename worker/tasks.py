@@ -36,6 +36,7 @@ from crucible.stats.fanout import (
 )
 from crucible.stats.fanout import chord_sender as stats_sender
 from crucible.store import JobStore
+from crucible.tune.trials import TUNE_TRIAL_TASK, fanout_for, run_trial_task, trial_sender
 from crucible.webhooks import DELIVER_WEBHOOK_TASK, deliver
 from worker.app import celery
 
@@ -75,8 +76,9 @@ def run_merge(self: Task, job_id: str) -> str | None:
             stats_hook(store, settings, stats_sender(expert_statistics, after_statistics)),
             split_hook(store, settings, chord_sender(merge_part, assemble_parts)),
         )
+        trials = fanout_for(settings, trial_sender(tune_trial))
         with bind_job(job_id):  # every log line of the job carries its id
-            return execute_job(job_id, store, settings, split=split)
+            return execute_job(job_id, store, settings, split=split, trials=trials)
     except Exception as exc:
         # The database stayed down longer than the store retries: send the task again
         # later rather than acknowledge it unrun (a queued job would wait forever; a
@@ -151,7 +153,18 @@ def after_statistics(job_id: str, owner: str) -> str | None:
     """The chord callback: the rest of the job once every expert's Grams are cached."""
     store, settings = _context()
     with bind_job(job_id):
-        return run_after(job_id, owner, store, settings)
+        return run_after(
+            job_id, owner, store, settings, fanout_for(settings, trial_sender(tune_trial))
+        )
+
+
+@celery.task(name=TUNE_TRIAL_TASK, acks_late=True, reject_on_worker_lost=True)
+def tune_trial(job_id: str, owner: str, index: int) -> str | None:
+    """One trial of a job's tuning batch (crucible.tune.trials); a no-op when the job's
+    worker, or another, ran it already."""
+    store, settings = _context()
+    with bind_job(job_id):
+        return run_trial_task(job_id, owner, index, store, settings)
 
 
 @celery.task(name=DELIVER_WEBHOOK_TASK, acks_late=True)

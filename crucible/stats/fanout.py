@@ -47,13 +47,21 @@ from crucible.errors import CrucibleError
 from crucible.lease import LeaseLost
 from crucible.parts import InjectedPartFault, PartReporter, part_retryable
 from crucible.pipeline import MergeOutcome, _resolve, run_merge_job
-from crucible.runner import OwnedWork, SplitHook, StoreReporter, execute_owned, store_call
+from crucible.runner import (
+    OwnedWork,
+    SplitHook,
+    StoreReporter,
+    TrialHook,
+    execute_owned,
+    store_call,
+)
 from crucible.settings import Settings
 from crucible.spec import Job, MergeSpec
 from crucible.split import chord_backend
 from crucible.stats.cache import GramCache, worker_record
 from crucible.stats.stage import ExpertStats, collect_expert, plan_statistics
 from crucible.store import JobStore
+from crucible.tune.trials import TrialFanout
 
 EXPERT_STATS_TASK = "crucible.expert_statistics"
 AFTER_STATS_TASK = "crucible.after_statistics"
@@ -255,8 +263,9 @@ class _Resumed:
         self._inner.check_cancelled()
 
 
-def after_work(store: JobStore, settings: Settings) -> OwnedWork:
-    """What the chord callback does: the job's pipeline, its Grams now in the cache."""
+def after_work(store: JobStore, settings: Settings, trials: TrialFanout | None = None) -> OwnedWork:
+    """What the chord callback does: the job's pipeline, its Grams now in the cache
+    (`trials`: the tune stage's fan-out, as for the parent)."""
 
     def work(
         job: Job, spec: MergeSpec, reporter: StoreReporter, hub_token: str | None
@@ -269,6 +278,7 @@ def after_work(store: JobStore, settings: Settings) -> OwnedWork:
             _Resumed(reporter),
             datasets,
             hub_token=hub_token,
+            trials=trials,
         )
 
     return work
@@ -294,9 +304,16 @@ def run_expert(
     return status
 
 
-def run_after(job_id: str, owner: str, store: JobStore, settings: Settings) -> str | None:
+def run_after(
+    job_id: str,
+    owner: str,
+    store: JobStore,
+    settings: Settings,
+    trials: TrialHook | None = None,
+) -> str | None:
     """The chord callback: the rest of the job, published once."""
-    status = execute_owned(job_id, owner, store, settings, after_work(store, settings))
+    fanout = trials(job_id, owner) if trials else None
+    status = execute_owned(job_id, owner, store, settings, after_work(store, settings, fanout))
     if status is not None:
         remove_stats_files(settings, job_id)
     return status

@@ -17,6 +17,11 @@ tuned params is computed once, so a trial costs matrix products, never a factori
 Tensors come from the engine's contexts (crucible.engine.matrix_context for matrix
 methods: nn.Linear layout, float64 where it fits; whole_context for elementwise ones) and
 go back in the tensor's file layout (GPT-2 Conv1D weights transposed back).
+
+`state()` / `module_from_state()` turn a module into CPU tensors plus JSON-safe fields and
+back, bit for bit (tensors are held contiguous from the start, so a restored module's
+matrix products take the same kernels as the original's): the trial fan-out
+(crucible.tune.trials) stores them once for other workers.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from crucible.spec import TUNABLE_PARAMS
 
 class FactorizedModule(ABC):
     """One tensor, ready to be merged for any value of the tuned params."""
+
+    # The attributes state() saves: tensors, and plain numbers (besides the base fields).
+    TENSORS: tuple[str, ...] = ()
+    NUMBERS: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -73,6 +82,39 @@ class FactorizedModule(ABC):
             merged = merged.T
         return merged.to(dtype=dtype or self.dtype).contiguous()
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(this module's tensors on the CPU, its other fields as JSON-safe values):
+        module_from_state(*state()) merges bit for bit as this module does."""
+        tensors = {k: getattr(self, k).detach().to("cpu") for k in self.TENSORS}
+        meta = {
+            "class": type(self).__name__,
+            "name": self.name,
+            "defaults": self.defaults,
+            "transposed": self.transposed,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            **{k: getattr(self, k) for k in self.NUMBERS},
+        }
+        return tensors, meta
+
+
+def module_from_state(
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    device: torch.device | str = "cpu",
+) -> FactorizedModule:
+    """The module `state()` described, its tensors on `device`."""
+    cls = _STATE_CLASSES[meta["class"]]
+    dtype = getattr(torch, meta["dtype"])
+    assert isinstance(dtype, torch.dtype)
+    args = [tensors[k].to(device) for k in cls.TENSORS] + [meta[k] for k in cls.NUMBERS]
+    return cls(meta["name"], *args, meta["defaults"], transposed=meta["transposed"], dtype=dtype)
+
+
+def _held(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous, so that a module restored from its state (saved contiguous) computes
+    with the same memory layout, hence the same kernels and bits, as the original."""
+    return t.contiguous()
+
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -81,9 +123,11 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 class FixedModule(FactorizedModule):
     """A tensor the tuned params do not change (bmm's non-matrix tensors: the anchor)."""
 
+    TENSORS = ("value",)
+
     def __init__(self, name: str, value: torch.Tensor, defaults: Mapping[str, float], **kw: Any):
         super().__init__(name, defaults, **kw)
-        self.value = value
+        self.value = _held(value)
 
     @property
     def nbytes(self) -> int:
@@ -96,6 +140,8 @@ class FixedModule(FactorizedModule):
 class ScaledModule(FactorizedModule):
     """W = W0 + scale * delta (task_arithmetic, ties; bmm when every Gram is zero)."""
 
+    TENSORS = ("base", "delta")
+
     def __init__(
         self,
         name: str,
@@ -105,8 +151,8 @@ class ScaledModule(FactorizedModule):
         **kw: Any,
     ):
         super().__init__(name, defaults, **kw)
-        self.base = base
-        self.delta = delta
+        self.base = _held(base)
+        self.delta = _held(delta)
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +164,9 @@ class ScaledModule(FactorizedModule):
 
 class BmmModule(FactorizedModule):
     """bmm's MAP for any (rho, scale) from one eigendecomposition (module docstring)."""
+
+    TENSORS = ("base", "tau_a", "evidence_q", "eigvecs", "eigvals")
+    NUMBERS = ("trace", "ridge")
 
     def __init__(
         self,
@@ -133,11 +182,11 @@ class BmmModule(FactorizedModule):
         **kw: Any,
     ):
         super().__init__(name, defaults, **kw)
-        self.base = base
-        self.tau_a = tau_a
-        self.evidence_q = evidence_q  # E = sum_t beta_t (tau_t - tau_a) G_t Q
-        self.eigvecs = eigvecs  # Q
-        self.eigvals = eigvals  # Lambda
+        self.base = _held(base)
+        self.tau_a = _held(tau_a)
+        self.evidence_q = _held(evidence_q)  # E = sum_t beta_t (tau_t - tau_a) G_t Q
+        self.eigvecs = _held(eigvecs)  # Q
+        self.eigvals = _held(eigvals)  # Lambda
         self.trace = trace  # tr(P0), as bmm.merge computes it
         self.ridge = ridge
 
@@ -160,6 +209,11 @@ class BmmModule(FactorizedModule):
         inverse = 1.0 / (self.eigvals + self.shift(values["rho"]))
         tau = self.tau_a + (self.evidence_q * inverse) @ self.eigvecs.T
         return self.base + tau * values["scale"]
+
+
+_STATE_CLASSES: dict[str, type[FactorizedModule]] = {
+    c.__name__: c for c in (FixedModule, ScaledModule, BmmModule)
+}
 
 
 def _build_bmm(

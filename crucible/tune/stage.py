@@ -9,7 +9,10 @@ validation split, each trial a merge in memory (merge-math.md section 10.4).
    are merged once and swapped in once.
 3. Trial 0 is the method's own (requested) values; then Sobol points, then a GP with
    qLogNoisyExpectedImprovement (crucible/tune/optimizer). Every trial is reported (params,
-   objective, metric per task, seconds split into merge, swap and evaluation).
+   objective, metric per task, seconds split into merge, swap and evaluation, the worker
+   that ran it). A trial is crucible/tune/trial.run_trial; with `trials` (a worker with a
+   Redis broker, tuning.batch >= trial_fanout_min_batch) a batch's trials also run on
+   other workers (crucible/tune/trials).
 4. The best trial's values become exact-name override rules in the method's params: the
    merge stage then writes that model with the ordinary engine, and `score_published`
    scores what was written on the held-out test split.
@@ -47,11 +50,13 @@ from crucible.spec import TUNABLE_PARAMS, MergeSpec
 from crucible.tune.factorized import FactorizedModule, build_factorized
 from crucible.tune.optimizer import TrialRecord, run_tuning
 from crucible.tune.space import GroupValues, SearchSpace, module_groups, override_rules
+from crucible.tune.trial import TrialResult, run_trial
 
 if TYPE_CHECKING:
     from crucible.datasets.storage import DatasetHandle
     from crucible.evaluate.base import EvalResult, Evaluator
     from crucible.pipeline import Reporter
+    from crucible.tune.trials import TrialFanout
 
 # Tuning holds every module's factorization in host memory; past this it refuses clearly.
 TUNE_MEMORY_FRACTION = 0.5
@@ -114,9 +119,10 @@ def tune_merge(
     settings: Settings,
     reporter: Reporter,
     device: torch.device,
+    trials: TrialFanout | None = None,
 ) -> TuningOutcome:
-    from crucible.evaluate import build_evaluator
-
+    """`trials`: the worker's way to run a batch's trials on other workers too
+    (crucible.tune.trials); None runs them here."""
     tuning = spec.tuning
     assert tuning is not None
     if tuning.trials > settings.max_trials:
@@ -128,8 +134,7 @@ def tune_merge(
     method = get_method(spec.method.name)
     tuned_params = TUNABLE_PARAMS[method.name]
     started = time.perf_counter()
-    names = [e.name or f"expert{i}" for i, e in enumerate(spec.experts)]
-    evaluator = build_evaluator(tuning, inputs.base, inputs.experts, names, datasets, device)
+    evaluator = tuning_evaluator(spec, inputs, datasets, device)
     reporter.event(
         "tuning",
         f"evaluator ready: {evaluator.metric} on {evaluator.examples('validation')} validation "
@@ -142,8 +147,6 @@ def tune_merge(
             f"no tensor of this model is affected by {method.name}'s {list(tuned_params)}",
             None,
         )
-    evaluator.swapper.swap(fixed)
-    del fixed
     by_module = module_groups(sorted({_module_of(m.name) for m in modules}), tuning.groups)
     group_of = {
         m.name: g
@@ -165,30 +168,48 @@ def tune_merge(
     seconds: list[dict[str, float]] = []
     details: list[dict[str, Any]] = []
 
+    fanout = trials if trials is not None and trials.enabled(tuning.batch) else None
+    if fanout is not None:
+        try:
+            fanout.open(modules, fixed, group_of)
+        except BaseException:
+            fanout.close()
+            raise
+        reporter.event(
+            "trials_split",
+            f"each batch of {tuning.batch} trials runs on any free worker, this one helping",
+            {"batch": tuning.batch},
+        )
+    evaluator.swapper.swap(fixed)
+    del fixed
+
+    def run_local(values: GroupValues) -> TrialResult:
+        reporter.check_cancelled()
+        return run_trial(modules, group_of, evaluator, values)
+
     def objective(batch: list[GroupValues]) -> list[float]:
-        out = []
-        for values in batch:
-            reporter.check_cancelled()
-            t0 = time.perf_counter()
-            tensors = {m.name: _merged(m, values[group_of[m.name]]) for m in modules}
-            t1 = time.perf_counter()
-            evaluator.swapper.swap(tensors)
-            del tensors
-            t2 = time.perf_counter()
-            result = evaluator.evaluate("validation")
-            t3 = time.perf_counter()
-            split = {"merge": t1 - t0, "swap": t2 - t1, "evaluate": t3 - t2, "total": t3 - t0}
-            seconds.append(split)
+        if fanout is None:
+            results = [run_local(values) for values in batch]
+        else:
+            first = len(details)
+            results = fanout.run_batch(
+                first,
+                batch,
+                lambda index: run_local(batch[index - first]),
+                reporter.check_cancelled,
+            )
+        for result in results:
+            seconds.append(result.seconds)
             details.append(
                 {
                     "metric": result.metric,
                     "value": result.value,
                     "per_task": result.per_task,
-                    "seconds": {k: round(v, 4) for k, v in split.items()},
+                    "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
+                    "worker": result.worker,
                 }
             )
-            out.append(result.objective)
-        return out
+        return [result.objective for result in results]
 
     def on_trial(record: TrialRecord) -> None:
         index = record.index
@@ -204,18 +225,22 @@ def tune_merge(
         reporter.progress(index + 1, tuning.trials, "trials")
 
     reporter.progress(0, tuning.trials, "trials")
-    result = run_tuning(
-        space,
-        objective,
-        trials=tuning.trials,
-        init_trials=tuning.init_trials,
-        batch=tuning.batch,
-        seed=tuning.split.seed,
-        maximize=True,  # objectives are "higher is better": accuracy, or -loss
-        start_at_default=True,
-        on_trial=on_trial,
-        check_cancelled=reporter.check_cancelled,
-    )
+    try:
+        result = run_tuning(
+            space,
+            objective,
+            trials=tuning.trials,
+            init_trials=tuning.init_trials,
+            batch=tuning.batch,
+            seed=tuning.split.seed,
+            maximize=True,  # objectives are "higher is better": accuracy, or -loss
+            start_at_default=True,
+            on_trial=on_trial,
+            check_cancelled=reporter.check_cancelled,
+        )
+    finally:
+        if fanout is not None:
+            fanout.close()
     if result.best is None:
         raise CrucibleError(
             "tuning_failed",
@@ -264,12 +289,18 @@ def tune_merge(
     return TuningOutcome(tuned_spec, summary, evaluator, seconds)
 
 
-def _merged(module: FactorizedModule, values: dict[str, float]) -> torch.Tensor:
-    """One trial's tensor in file layout, rounded to the output dtype (so a trial scores
-    the weights the merge stage would publish), on the CPU for the swap."""
-    merged = module.merged(values)
-    check_finite(module.name, merged)
-    return merged.to(device="cpu")
+def tuning_evaluator(
+    spec: MergeSpec,
+    inputs: MergeInputs,
+    datasets: Mapping[str, DatasetHandle],
+    device: torch.device,
+) -> Evaluator:
+    """The job's evaluator (the job's worker and a trial task build it alike)."""
+    from crucible.evaluate import build_evaluator
+
+    assert spec.tuning is not None
+    names = [e.name or f"expert{i}" for i, e in enumerate(spec.experts)]
+    return build_evaluator(spec.tuning, inputs.base, inputs.experts, names, datasets, device)
 
 
 def _factorize(

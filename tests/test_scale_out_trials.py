@@ -1,0 +1,513 @@
+"""Scale-out of a tuning batch's trials (crucible.tune.trials, "the parent helps").
+
+- Every FactorizedModule kind survives its stored state bit for bit (through the files the
+  parent writes for other workers).
+- The parent's scheduling: a trial with a result is not run again, a claim nobody renews
+  is taken over, a live one is waited for.
+- In process: trials run from the stored state (as another worker runs them) give the
+  objectives, the trials and the output of a plain single-worker run, and the tune files
+  are gone afterwards.
+- With real processes: bmm (data-free) tuned on a tiny GPT-2 with tuning.batch 2 on two
+  Celery workers (prefork, concurrency 1), PostgreSQL, Redis and uvicorn of the test's own:
+  the batches' trials ran on both workers, and the trials (params, objectives) and the
+  published files equal those of a single-worker, in-process run of the same job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from crucible.datasets.schema import validate_file
+from crucible.datasets.storage import BlobWriter, DatasetHandle
+from crucible.device import compute_device
+from crucible.lease import worker_identity
+from crucible.pipeline import _resolve, run_merge_job
+from crucible.settings import Settings
+from crucible.spec import MergeSpec
+from crucible.store import JobStore
+from crucible.tune.factorized import (
+    BmmModule,
+    FactorizedModule,
+    FixedModule,
+    ScaledModule,
+    build_factorized,
+    module_from_state,
+)
+from crucible.tune.stage import tuning_evaluator
+from crucible.tune.trial import TrialResult, run_trial
+from crucible.tune.trials import (
+    TrialFanout,
+    TrialFiles,
+    attempt_folder,
+    fanout_enabled,
+    load_state,
+    run_trial_task,
+    save_state,
+    schedule,
+    tune_prefix,
+)
+from tests.support import faults
+from tests.support.faults import OwnPostgres, PatientClient, make_slow_family, submit, wait_until
+from tests.support.reporters import QuietReporter
+from tests.support.tiny_models import tiny_texts, tiny_word_tokenizer
+from tests.test_scale_out_stats import output_of
+from tests.test_tune import context, fresh
+
+TRIALS = 6
+BATCH = 2
+ROWS = 160
+
+# --------------------------------------------------------------------------- state
+
+
+def every_kind() -> list[FactorizedModule]:
+    """One module of each kind, as the tune stage builds them (float64 contexts; a
+    transposed bfloat16 one among them)."""
+    bias = context((5,), seed=2, name="h.0.attn.c_attn.bias")
+    still = context((3, 4), seed=4)
+    still.experts = [still.base.clone() for _ in still.experts]  # no evidence: ScaledModule
+    return [
+        build_factorized("bmm", {"gram": "activations"}, fresh(context((7, 5), seed=12))),
+        build_factorized(
+            "bmm", {"ridge": 1e-3}, fresh(context((6, 4), seed=1)), transposed=True,
+            dtype=torch.bfloat16,
+        ),
+        build_factorized("bmm", {"gram": "activations"}, fresh(bias)),
+        build_factorized("bmm", {}, fresh(still)),
+        build_factorized("task_arithmetic", {"scale": 0.4}, fresh(context((4, 6), seed=7))),
+        build_factorized("ties", {"density": 0.5}, fresh(context((4, 6), seed=8))),
+    ]  # fmt: skip
+
+
+def same_merges(a: FactorizedModule, b: FactorizedModule) -> None:
+    assert type(a) is type(b) and a.name == b.name and a.defaults == b.defaults
+    assert (a.transposed, a.dtype) == (b.transposed, b.dtype)
+    points: list[dict[str, float]] = [{}]
+    if "rho" in a.defaults:
+        points += [{"rho": rho, "scale": s} for rho in (1e-3, 0.3, 20.0) for s in (0.5, 1.2)]
+    else:
+        points += [{"scale": s} for s in (0.1, 0.7, 1.5)]
+    for values in points:
+        want, got = a.merged(values), b.merged(values)
+        assert want.dtype == got.dtype and torch.equal(want, got), (a.name, values)
+
+
+def test_every_module_kind_round_trips_its_state_bit_for_bit(tmp_path: Path) -> None:
+    modules = every_kind()
+    assert {type(m) for m in modules} == {BmmModule, FixedModule, ScaledModule}
+    for module in modules:
+        tensors, meta = module.state()
+        json.dumps(meta)  # the manifest's entry
+        assert all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values())
+        same_merges(module, module_from_state(tensors, meta))
+    # Through the files another worker reads: per-module safetensors, then the manifest.
+    fixed = {"wpe.weight": torch.randn(3, 2)}
+    group_of = {m.name: f"g{i % 2}" for i, m in enumerate(modules)}
+    save_state(tmp_path / "state", modules, fixed, group_of)
+    stored = load_state(tmp_path / "state", "cpu")
+    assert stored.group_of == group_of
+    assert stored.fixed.keys() == fixed.keys() and torch.equal(
+        stored.fixed["wpe.weight"], fixed["wpe.weight"]
+    )
+    for module, back in zip(modules, stored.modules, strict=True):
+        same_merges(module, back)
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+def result(value: float, pid: int = 0) -> TrialResult:
+    return TrialResult(value, "loss", -value, {"t": -value}, {"total": 0.0}, {"pid": pid})
+
+
+class Runs:
+    """run_local for schedule(): records which trials the parent ran itself."""
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    def __call__(self, index: int) -> TrialResult:
+        self.ran.append(index)
+        return result(float(index))
+
+
+def test_the_parent_skips_a_trial_with_a_result(tmp_path: Path) -> None:
+    files = TrialFiles(tmp_path)
+    files.write_result(1, result(41.0, pid=7))  # another worker finished trial 1
+    runs = Runs()
+    out = schedule(files, [0, 1, 2], runs, lambda: None, stale_seconds=60)
+    assert runs.ran == [0, 2]
+    assert [r.objective for r in out] == [0.0, 41.0, 2.0] and out[1].worker == {"pid": 7}
+    # The parent's own results are on disk too: a task that starts late finds them.
+    assert files.read_result(2) == result(2.0)
+    assert not files.claim(0) and not files.claim(2)
+
+
+def test_the_parent_takes_over_a_claim_nobody_renews(tmp_path: Path) -> None:
+    files = TrialFiles(tmp_path)
+    assert files.claim(1)  # a worker took trial 1, then died: its marker ages
+    old = time.time() - 120
+    os.utime(files.started(1), (old, old))
+    runs = Runs()
+    out = schedule(files, [0, 1], runs, lambda: None, stale_seconds=60)
+    assert runs.ran == [0, 1] and [r.objective for r in out] == [0.0, 1.0]
+
+
+def test_the_parent_waits_for_a_live_claim(tmp_path: Path) -> None:
+    files = TrialFiles(tmp_path)
+    assert files.claim(1)  # a live worker holds trial 1
+    runs = Runs()
+    checks: list[int] = []
+
+    def check_cancelled() -> None:
+        # Called while the parent waits: the other worker finishes trial 1 meanwhile.
+        checks.append(1)
+        if len(checks) == 3:
+            files.write_result(1, result(99.0, pid=5))
+
+    out = schedule(files, [0, 1], runs, check_cancelled, stale_seconds=60, poll_seconds=0)
+    assert runs.ran == [0] and len(checks) == 3
+    assert [r.objective for r in out] == [0.0, 99.0] and out[1].worker == {"pid": 5}
+
+
+def test_a_renewed_claim_is_not_stale(tmp_path: Path) -> None:
+    files = TrialFiles(tmp_path)
+    assert files.claim(3)
+    old = time.time() - 120
+    os.utime(files.started(3), (old, old))
+    with files.heartbeat(3, every=0.01):
+        deadline = time.monotonic() + 30
+        while files.started(3).stat().st_mtime < old + 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert not files.claim(3, stale_seconds=60)
+
+
+def test_fanout_needs_a_redis_broker_a_local_artifact_folder_and_the_batch(
+    tmp_path: Path,
+) -> None:
+    redis = {"data_dir": tmp_path, "broker_url": "redis://127.0.0.1:9/0"}
+    assert fanout_enabled(Settings(**redis), 2)
+    assert not fanout_enabled(Settings(**redis), 1)
+    assert not fanout_enabled(Settings(**redis, trial_fanout_min_batch=3), 2)
+    assert not fanout_enabled(Settings(**redis, trial_fanout_min_batch=0), 16)
+    assert not fanout_enabled(Settings(**redis, artifacts_uri="s3://bucket/p"), 2)
+    assert not fanout_enabled(Settings(data_dir=tmp_path), 2)  # embedded: no broker
+
+
+# --------------------------------------------------------------------------- a trial task
+
+
+def owned_job(tmp_path: Path) -> tuple[JobStore, Settings, str, str]:
+    """A running job (its models nowhere: resolving fails) claimed by a parent."""
+    settings = Settings(data_dir=tmp_path / "data")
+    store = JobStore(settings.resolved_database_url, settings.artifacts_root)
+    store.migrate()
+    spec = {
+        "base": {"uri": (tmp_path / "nowhere-base").as_uri()},
+        "experts": [{"uri": (tmp_path / f"nowhere-{i}").as_uri()} for i in range(2)],
+        "method": {"name": "bmm"},
+        "tuning": {"dataset": "ds_0000000000", "trials": 4, "init_trials": 2, "batch": 2},
+    }
+    body = MergeSpec.model_validate(spec).model_dump(mode="json")
+    job, _ = store.create_job("acme", body, "digest", None)
+    owner = worker_identity()
+    assert store.claim(job.id, owner, settings.lease_seconds) is not None
+    return store, settings, job.id, owner
+
+
+def stored_batch(settings: Settings, job_id: str, owner: str) -> TrialFiles:
+    files = TrialFiles(attempt_folder(settings, job_id, owner))
+    save_state(files.folder, [], {}, {})
+    files.write_values(1, {"global": {"rho": 0.1, "scale": 1.0}})
+    return files
+
+
+def test_a_trial_task_that_fails_gives_its_trial_back_to_the_parent(tmp_path: Path) -> None:
+    store, settings, job_id, owner = owned_job(tmp_path)
+    files = stored_batch(settings, job_id, owner)
+    assert run_trial_task(job_id, owner, 1, store, settings) is None
+    assert not files.started(1).exists() and files.read_result(1) is None
+    job = store.get_job(job_id)
+    assert job is not None and job.status == "running"
+    (released,) = [e for e in job.events if e.kind == "trial_released"]
+    assert released.data is not None and released.data["trial"] == 1
+    # The parent then claims and runs it as any unclaimed trial.
+    assert files.claim(1, stale_seconds=settings.lease_seconds)
+
+
+def test_a_trial_task_leaves_a_taken_trial_and_a_job_not_its_owners_alone(
+    tmp_path: Path,
+) -> None:
+    store, settings, job_id, owner = owned_job(tmp_path)
+    files = stored_batch(settings, job_id, owner)
+    assert files.claim(1)  # the parent has it: the task does nothing (no resolve error)
+    assert run_trial_task(job_id, owner, 1, store, settings) is None
+    files.write_result(1, result(3.0))
+    assert run_trial_task(job_id, owner, 1, store, settings) is None
+    # A task of an earlier attempt: the job runs under another owner now.
+    assert run_trial_task(job_id, worker_identity(), 1, store, settings) is None
+    job = store.get_job(job_id)
+    assert job is not None and job.status == "running"
+    assert not [e for e in job.events if e.kind == "trial_released"]
+
+
+def test_a_cancelled_jobs_trial_task_ends_it_and_removes_the_tune_files(tmp_path: Path) -> None:
+    store, settings, job_id, owner = owned_job(tmp_path)
+    files = stored_batch(settings, job_id, owner)
+    assert store.request_cancel(job_id, "acme") is not None
+    assert run_trial_task(job_id, owner, 1, store, settings) == "cancelled"
+    assert not files.folder.exists()
+    assert not (settings.artifacts_root / tune_prefix(job_id)).exists()
+
+
+# --------------------------------------------------------------------------- the family
+
+
+@dataclass
+class Family:
+    root: Path
+    base: Path
+    experts: list[Path]
+    rows: bytes  # the tuning data: prompt/completion JSONL
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """A 2-layer GPT-2 of width 128, two fine-tunes, and a prompt/completion set."""
+    root = tmp_path_factory.mktemp("models")
+    base, experts = make_slow_family(root / "gpt2", n_experts=2, n_layer=2, n_embd=128)
+    tok = tiny_word_tokenizer()
+    tok.eos_token = "[SEP]"
+    for folder in (base, *experts):
+        tok.save_pretrained(folder)
+    rows = [{"prompt": t, "completion": " the cat"} for t in tiny_texts(ROWS, seed=9)]
+    return Family(root, base, experts, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def spec_of(family: Family, dataset: str) -> dict[str, Any]:
+    return {
+        "base": {"uri": family.base.as_uri()},
+        "experts": [{"uri": e.as_uri()} for e in family.experts],
+        "method": {"name": "bmm"},
+        "output": {"dtype": "float32"},
+        "tuning": {
+            "dataset": dataset,
+            "trials": TRIALS,
+            "init_trials": 2,
+            "batch": BATCH,
+            "groups": "global",
+        },
+    }
+
+
+def add_dataset(store: JobStore, body: bytes) -> DatasetHandle:
+    with BlobWriter(store.artifacts_root, 10**7) as blob:
+        blob.write(body)
+        blob.close()
+        summary = validate_file(blob.path, "jsonl", None)
+        record = store.add_dataset("acme", blob, "jsonl", summary, "lm")
+    handle = store.get_dataset("acme", record.id)
+    assert handle is not None
+    return handle
+
+
+class TrialLog(QuietReporter):
+    def __init__(self) -> None:
+        self.trials: dict[int, dict[str, Any]] = {}
+
+    def trial(self, index: int, data: dict[str, Any]) -> None:
+        self.trials[index] = data
+
+
+@dataclass
+class Reference:
+    trials: list[tuple[dict[str, Any], float]]  # params, objective by index
+    output: tuple[dict[str, str], dict[str, Any]]
+
+
+def single_worker_run(
+    family: Family, handle: DatasetHandle, work: Path, trials: TrialFanout | None = None
+) -> tuple[Reference, TrialLog, Settings]:
+    settings = Settings(data_dir=work / "data", allowed_local_dirs=[family.root])
+    spec = MergeSpec.model_validate(spec_of(family, handle.id))
+    log = TrialLog()
+    done = run_merge_job(spec, work / "out", settings, log, {handle.id: handle}, trials=trials)
+    assert done is not None
+    assert sorted(log.trials) == list(range(TRIALS))
+    params = [(log.trials[i]["params"], log.trials[i]["objective"]) for i in range(TRIALS)]
+    return Reference(params, output_of(done.output_dir)), log, settings
+
+
+def test_trials_from_the_stored_state_equal_a_single_worker_run(
+    tmp_path: Path, family: Family
+) -> None:
+    """The parent's fan-out path in process, its "other worker" a function that runs each
+    sent trial from the stored state and the files alone, as a trial task does."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        allowed_local_dirs=[family.root],
+        broker_url="redis://127.0.0.1:9/0",  # never contacted: `send` runs the trials here
+    )
+    store = JobStore(settings.resolved_database_url, settings.artifacts_root)
+    store.migrate()
+    handle = add_dataset(store, family.rows)
+    reference, _, _ = single_worker_run(family, handle, tmp_path / "single")
+    spec = MergeSpec.model_validate(spec_of(family, handle.id))
+    sent: list[list[int]] = []
+    helper: dict[str, Any] = {}
+
+    def send(job_id: str, owner: str, indices: list[int]) -> None:
+        sent.append(indices)
+        files = fanout.files
+        assert files.ready()
+        if not helper:
+            inputs, _ = _resolve(spec, settings, QuietReporter())
+            device = compute_device(settings.device)
+            helper["evaluator"] = tuning_evaluator(spec, inputs, {handle.id: handle}, device)
+            helper["state"] = load_state(files.folder, device)
+            helper["evaluator"].swapper.swap(helper["state"].fixed)
+        state = helper["state"]
+        for index in indices:
+            assert files.claim(index)
+            values = files.read_values(index)
+            files.write_result(
+                index, run_trial(state.modules, state.group_of, helper["evaluator"], values)
+            )
+
+    fanout = TrialFanout(settings, send, "job1", "host:1:abc")
+    got, log, _ = single_worker_run(family, handle, tmp_path / "fanned", trials=fanout)
+    assert sent == [[1], [3], [5]]  # one batch of 2 at a time: the parent runs the first
+    assert got.trials == reference.trials
+    assert got.output == reference.output
+    pids = {log.trials[i]["worker"]["pid"] for i in range(TRIALS)}
+    assert pids == {os.getpid()}
+    assert not (settings.artifacts_root / tune_prefix("job1")).exists()
+
+
+# --------------------------------------------------------------------------- real workers
+
+
+@dataclass
+class World:
+    family: Family
+    svc: faults.Service
+    client: PatientClient
+    dataset: str
+    reference: Reference
+
+
+def upload(client: PatientClient, family: Family) -> str:
+    resp = client.request(
+        "POST",
+        "/v1/datasets",
+        files={"file": ("lm.jsonl", io.BytesIO(family.rows))},
+        data={"name": "lm"},
+    )
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, postgres: OwnPostgres, family: Family
+) -> Iterator[World]:
+    """API + two workers with the default trial_fanout_min_batch (2)."""
+    work = tmp_path_factory.mktemp("shared")
+    with faults.service(work, postgres, family.root, workers=2) as svc:
+        client = svc.client(180)
+        dataset = upload(client, family)
+        store = svc.store()
+        try:
+            handle = store.get_dataset("acme", dataset)
+        finally:
+            store.close()
+        assert handle is not None
+        reference, _, _ = single_worker_run(family, handle, work / "single")
+        yield World(family, svc, client, dataset, reference)
+
+
+@pytest.mark.e2e
+def test_batch_trials_run_on_both_workers_and_match_one_worker(world: World) -> None:
+    svc, client = world.svc, world.client
+    job_id = submit(client, spec_of(world.family, world.dataset))
+    job = client.wait(job_id, timeout=600)
+    assert job["status"] == "succeeded", job
+    assert [e["kind"] for e in job["events"]].count("trials_split") == 1
+    resp = client.request("GET", f"/v1/merges/{job_id}/trials")
+    items = resp.json()["items"]
+    assert [t["index"] for t in items] == list(range(TRIALS))
+    assert [(t["params"], t["objective"]) for t in items] == world.reference.trials
+    pids = svc.worker_pids()
+    ran_on = {pids[t["worker"]["worker_pid"]] for t in items}
+    assert ran_on == {"worker-0", "worker-1"}, [t["worker"] for t in items]
+    job_dir = svc.artifacts / "jobs" / job_id
+    assert sorted(p.name for p in job_dir.iterdir()) == ["output"]
+    assert output_of(job_dir / "output") == world.reference.output
+    assert svc.attempts(job_id) == 1
+
+
+def claimant(marker: Path) -> int | None:
+    """The pid in a trial's started marker (None while it is being written)."""
+    try:
+        return int(json.loads(marker.read_text())["pid"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.e2e
+def test_a_killed_workers_trial_is_taken_over_by_the_parent(
+    tmp_path: Path, postgres: OwnPostgres, family: Family, world: World
+) -> None:
+    """Worker B is SIGKILLed while it holds a trial: its claim stops being renewed, the
+    parent (on worker A) runs that trial itself after lease_seconds, and the job ends as
+    a single run would, in its first attempt (the parent kept the job's lease)."""
+    lease = {
+        "CRUCIBLE_LEASE_SECONDS": "10",
+        "CRUCIBLE_HEARTBEAT_SECONDS": "1",
+        "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
+    }
+    with faults.service(tmp_path, postgres, family.root, workers=2, **lease) as svc:
+        client = svc.client(180)
+        job_id = submit(client, spec_of(family, upload(client, family)))
+        tune = svc.artifacts / "jobs" / job_id / "tune"
+
+        def held_elsewhere() -> tuple[Path, int, int] | None:
+            """A claim by another process than the parent's (trial 0 is always the
+            parent's), its trial not finished."""
+            parent = claimant(next(iter(tune.glob("*/trial-0.started")), tune / "none"))
+            if parent is None:
+                return None
+            for marker in tune.glob("*/trial-*.started"):
+                pid = claimant(marker)
+                done = marker.with_name(marker.name.replace(".started", ".json"))
+                if pid is not None and pid != parent and not done.exists():
+                    return marker, pid, parent
+            return None
+
+        marker, pid, parent = wait_until(held_elsewhere, 300, "a trial on the other worker", 0.02)
+        svc.procs.kill(svc.worker_pids()[parent_pid(pid)])
+        index = int(marker.name.split("-")[1].split(".")[0])
+        # Killed mid-trial: no result came, and none can come from the dead process.
+        assert not marker.with_name(f"trial-{index}.json").exists()
+        job = client.wait(job_id, timeout=600)
+        assert job["status"] == "succeeded", job
+        items = client.request("GET", f"/v1/merges/{job_id}/trials").json()["items"]
+        assert [(t["params"], t["objective"]) for t in items] == world.reference.trials
+        assert items[index]["worker"]["pid"] == parent
+        hashes, _ = output_of(svc.artifacts / "jobs" / job_id / "output")
+        assert hashes == world.reference.output[0]
+        assert svc.attempts(job_id) == 1
