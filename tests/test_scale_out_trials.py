@@ -63,7 +63,7 @@ from tests.support.tiny_models import tiny_texts, tiny_word_tokenizer
 from tests.test_scale_out_stats import output_of
 from tests.test_tune import context, fresh
 
-TRIALS = 6
+TRIALS = 8
 BATCH = 2
 ROWS = 160
 
@@ -386,7 +386,8 @@ def test_trials_from_the_stored_state_equal_a_single_worker_run(
 
     fanout = TrialFanout(settings, send, "job1", "host:1:abc")
     got, log, _ = single_worker_run(family, handle, tmp_path / "fanned", trials=fanout)
-    assert sent == [[1], [3], [5]]  # one batch of 2 at a time: the parent runs the first
+    # One task per batch of 2: the parent runs the first trial of each batch itself.
+    assert sent == [[i + 1] for i in range(0, TRIALS, BATCH)]
     assert got.trials == reference.trials
     assert got.output == reference.output
     pids = {log.trials[i]["worker"]["pid"] for i in range(TRIALS)}
