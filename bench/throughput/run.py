@@ -7,8 +7,9 @@ each cache state (warm, cold) and run, interleaved so machine noise hits every t
 
 - floor: read every input file once (16 MiB reads) and write the output's size, fsynced;
 - crucible: `crucible merge <spec> --out ...` in a child process;
-- mergekit: `mergekit-yaml <config> <out> --lazy-unpickle --device cpu` (`--device cuda` for both tools) in a child process
-  (same output dtype and shard size, --no-copy-tokenizer: the synthetic base has none).
+- mergekit: `mergekit-yaml <config> <out> --lazy-unpickle --device cpu` in a child process
+  (same output dtype and shard size, --no-copy-tokenizer: the synthetic base has none);
+  `--device cuda` runs both tools on the GPU.
 
 Per run: wall time of the child (interpreter start included, for both tools), input GB/s
 (base + 4 experts over the wall time), peak RSS (the larger of the child tree's summed RSS
