@@ -3,7 +3,12 @@
 - Every FactorizedModule kind survives its stored state bit for bit (through the files the
   parent writes for other workers).
 - The parent's scheduling: a trial with a result is not run again, a claim nobody renews
-  is taken over, a live one is waited for.
+  is taken over, a live one is waited for (renewed past a failed renewal), removed files
+  end the wait.
+- A trial task's edges: a failure gives the trial back, a folder gone before the claim
+  leaves the job alone, a cancel ends the job; any other task frees its cached state;
+  a job's end removes every attempt's files; files that cannot be stored leave every
+  trial to the parent.
 - In process: trials run from the stored state (as another worker runs them) give the
   objectives, the trials and the output of a plain single-worker run, and the tune files
   are gone afterwards.
@@ -15,9 +20,13 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +39,10 @@ import torch
 from crucible.datasets.schema import validate_file
 from crucible.datasets.storage import BlobWriter, DatasetHandle
 from crucible.device import compute_device
+from crucible.errors import CrucibleError
 from crucible.lease import worker_identity
 from crucible.pipeline import _resolve, run_merge_job
+from crucible.runner import execute_job
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
 from crucible.store import JobStore
@@ -192,6 +203,34 @@ def test_a_renewed_claim_is_not_stale(tmp_path: Path) -> None:
     assert not files.claim(3, stale_seconds=60)
 
 
+def test_a_failed_renewal_does_not_end_the_renewals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared volume's passing error (ESTALE) on one renewal: the marker is renewed on,
+    so the parent never takes a live trial over."""
+    files = TrialFiles(tmp_path)
+    assert files.claim(3)
+    old = time.time() - 120
+    os.utime(files.started(3), (old, old))
+    real_utime = os.utime
+    failed: list[int] = []
+
+    def flaky_utime(path: Any, *args: Any, **kwargs: Any) -> None:
+        if not failed:
+            failed.append(1)
+            raise OSError(errno.ESTALE, "Stale file handle")
+        real_utime(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "utime", flaky_utime)
+    with files.heartbeat(3, every=0.01):
+        deadline = time.monotonic() + 30
+        while files.started(3).stat().st_mtime < old + 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    monkeypatch.undo()
+    assert failed == [1]
+    assert not files.claim(3, stale_seconds=60)
+
+
 def test_fanout_needs_a_redis_broker_a_local_artifact_folder_and_the_batch(
     tmp_path: Path,
 ) -> None:
@@ -268,6 +307,71 @@ def test_a_cancelled_jobs_trial_task_ends_it_and_removes_the_tune_files(tmp_path
     assert run_trial_task(job_id, owner, 1, store, settings) == "cancelled"
     assert not files.folder.exists()
     assert not (settings.artifacts_root / tune_prefix(job_id)).exists()
+
+
+def test_a_trial_task_whose_files_go_before_its_claim_leaves_the_job_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent's tuning ends (its folder removed) between the task's look at the files
+    and its claim: the task does nothing, the job (now in its merge stage) runs on."""
+    store, settings, job_id, owner = owned_job(tmp_path)
+    files = TrialFiles(attempt_folder(settings, job_id, owner))
+    monkeypatch.setattr(TrialFiles, "ready", lambda self: True)  # it was, a moment ago
+    assert not files.folder.exists()
+    assert run_trial_task(job_id, owner, 1, store, settings) is None
+    job = store.get_job(job_id)
+    assert job is not None and job.status == "running", job.error
+    assert not files.folder.exists()
+
+
+def test_the_parent_stops_waiting_when_its_trial_files_are_removed(tmp_path: Path) -> None:
+    """A trial task that ended the job removed the files: the parent does not wait on."""
+    files = TrialFiles(tmp_path / "attempt")
+    files.folder.mkdir()
+    assert files.claim(1)  # another worker holds trial 1
+
+    def job_ended_elsewhere() -> None:
+        shutil.rmtree(files.folder)
+
+    with pytest.raises(CrucibleError, match="removed"):
+        schedule(files, [0, 1], Runs(), job_ended_elsewhere, stale_seconds=60, poll_seconds=0)
+
+
+def test_a_job_that_ends_removes_every_attempts_tune_files(tmp_path: Path) -> None:
+    """Attempt 1 died in its tune stage; attempt 2 fails before tuning (its models are
+    nowhere): the job's tune folder, attempt 1's files in it, goes with the job."""
+    store, settings, job_id, first = owned_job(tmp_path)
+    earlier = stored_batch(settings, job_id, first)
+    assert store.heartbeat(job_id, first, -1)  # attempt 1's worker died: its lease ran out
+    assert earlier.ready()
+    assert execute_job(job_id, store, settings) == "failed"
+    held = store.ownership(job_id)
+    assert held is not None and held.attempts == 2
+    assert not (settings.artifacts_root / tune_prefix(job_id)).exists()
+
+
+def test_any_other_task_frees_a_trial_tasks_loaded_state(tmp_path: Path) -> None:
+    """The evaluator and modules a trial task keeps for the job's later trials go before
+    another task runs in that process (a later trial task may never come to it)."""
+    code = (
+        "from celery.signals import task_prerun\n"
+        "from crucible.tune import trials\n"
+        "from worker import tasks\n"
+        "def left(task):\n"
+        "    trials._LOADED[:] = ['the last job attempt']\n"
+        "    task_prerun.send(sender=task, task_id='t', task=task, args=(), kwargs={})\n"
+        "    return len(trials._LOADED)\n"
+        "others = (tasks.run_merge, tasks.merge_part, tasks.expert_statistics,"
+        " tasks.deliver_webhook)\n"
+        "print(left(tasks.tune_trial), [left(t) for t in others])\n"
+    )
+    env = {**os.environ, "CRUCIBLE_DATA_DIR": str(tmp_path / "data")}
+    env.pop("CRUCIBLE_BROKER_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "1 [0, 0, 0, 0]"
 
 
 # --------------------------------------------------------------------------- the family
@@ -380,9 +484,9 @@ def test_trials_from_the_stored_state_equal_a_single_worker_run(
         for index in indices:
             assert files.claim(index)
             values = files.read_values(index)
-            files.write_result(
-                index, run_trial(state.modules, state.group_of, helper["evaluator"], values)
-            )
+            done = run_trial(state.modules, state.group_of, helper["evaluator"], values)
+            done.worker = {**done.worker, "ran_by": "helper"}
+            files.write_result(index, done)
 
     fanout = TrialFanout(settings, send, "job1", "host:1:abc")
     got, log, _ = single_worker_run(family, handle, tmp_path / "fanned", trials=fanout)
@@ -390,9 +494,45 @@ def test_trials_from_the_stored_state_equal_a_single_worker_run(
     assert sent == [[i + 1] for i in range(0, TRIALS, BATCH)]
     assert got.trials == reference.trials
     assert got.output == reference.output
-    pids = {log.trials[i]["worker"]["pid"] for i in range(TRIALS)}
-    assert pids == {os.getpid()}
+    # The parent took the helper's results (the trials it sent), not runs of its own.
+    ran_by = [log.trials[i]["worker"].get("ran_by") for i in range(TRIALS)]
+    assert ran_by == [None, "helper"] * (TRIALS // BATCH)
     assert not (settings.artifacts_root / tune_prefix("job1")).exists()
+
+
+def test_trial_files_that_cannot_be_stored_leave_the_trials_to_the_parent(
+    tmp_path: Path, family: Family
+) -> None:
+    """The tune folder cannot be written (here a file stands where it goes; in production
+    a full disk): the job still tunes and publishes, every trial run by its own worker."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        allowed_local_dirs=[family.root],
+        broker_url="redis://127.0.0.1:9/0",  # never contacted: nothing is sent
+    )
+    store = JobStore(settings.resolved_database_url, settings.artifacts_root)
+    store.migrate()
+    handle = add_dataset(store, family.rows)
+    blocked = settings.artifacts_root / tune_prefix("job1")
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")
+    sent: list[list[int]] = []
+    fanout = TrialFanout(settings, lambda _j, _o, indices: sent.append(indices), "job1", "h:1:a")
+
+    class Events(TrialLog):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kinds: list[str] = []
+
+        def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+            self.kinds.append(kind)
+
+    spec = MergeSpec.model_validate(spec_of(family, handle.id))
+    log = Events()
+    done = run_merge_job(spec, tmp_path / "out", settings, log, {handle.id: handle}, trials=fanout)
+    assert done is not None and sorted(log.trials) == list(range(TRIALS))
+    assert sent == [] and "trials_not_split" in log.kinds and "trials_split" not in log.kinds
+    assert blocked.read_text() == "not a folder"
 
 
 # --------------------------------------------------------------------------- real workers

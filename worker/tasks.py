@@ -8,7 +8,7 @@ from functools import cache
 from typing import Any
 
 from celery import Task
-from celery.signals import setup_logging
+from celery.signals import setup_logging, task_prerun
 
 import crucible.pipeline  # noqa: F401  (torch and the engine, loaded before the pool forks)
 from crucible.logs import bind_job, configure_logging
@@ -36,7 +36,13 @@ from crucible.stats.fanout import (
 )
 from crucible.stats.fanout import chord_sender as stats_sender
 from crucible.store import JobStore
-from crucible.tune.trials import TUNE_TRIAL_TASK, fanout_for, run_trial_task, trial_sender
+from crucible.tune.trials import (
+    TUNE_TRIAL_TASK,
+    fanout_for,
+    free_loaded,
+    run_trial_task,
+    trial_sender,
+)
 from crucible.webhooks import DELIVER_WEBHOOK_TASK, deliver
 from worker.app import celery
 
@@ -54,6 +60,12 @@ def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
     """Our log lines (JSON by default, CRUCIBLE_LOG_FORMAT) instead of Celery's format;
     connecting this receiver is what stops Celery from configuring logging itself."""
     configure_logging("json", loglevel)
+
+
+@task_prerun.connect
+def _free_trial_state(sender: Task | None = None, **_: Any) -> None:
+    """A trial task's cached evaluator and modules go before any other task runs here."""
+    free_loaded(sender.name if sender is not None else None)
 
 
 # How long a task whose database is unreachable waits before it is delivered again.

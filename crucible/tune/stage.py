@@ -172,9 +172,21 @@ def tune_merge(
     if fanout is not None:
         try:
             fanout.open(modules, fixed, group_of)
+        except Exception as exc:
+            # The fan-out only saves time: a folder that cannot take the factorizations (a
+            # full disk: bmm's are larger than the model) leaves the trials to this worker
+            # rather than failing a job one worker can run.
+            fanout.close()
+            fanout = None
+            reporter.event(
+                "trials_not_split",
+                f"the trials run here only: their files could not be stored ({exc})",
+                {"error": type(exc).__name__},
+            )
         except BaseException:
             fanout.close()
             raise
+    if fanout is not None:
         reporter.event(
             "trials_split",
             f"each batch of {tuning.batch} trials runs on any free worker, this one helping",

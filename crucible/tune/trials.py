@@ -18,12 +18,14 @@ of one BO batch run on several workers ("the parent helps").
 3. A trial task (`trial_work`, run by runner.execute_owned under the parent's owner name,
    so a job no longer running under it is left alone) claims its trial, builds the
    evaluator and loads the stored modules (once per process and job attempt: later trials
-   of the job reuse them), runs crucible.tune.trial.run_trial, the parent's own code, and
-   writes `trial-<i>.json` (temp file, then rename). A task that fails gives its claim
-   back (event `trial_released`) and the parent runs the trial: an error that is the
-   trial's own then fails the job there, as in one worker.
-4. The parent records the trials in index order as in one worker; the folder is removed
-   when the tune stage ends, however it ends.
+   of the job reuse them; any other task in the process frees them), runs
+   crucible.tune.trial.run_trial, the parent's own code, and writes `trial-<i>.json`
+   (temp file, then rename). A task that fails gives its claim back (event
+   `trial_released`) and the parent runs the trial: an error that is the trial's own then
+   fails the job there, as in one worker.
+4. The parent records the trials in index order as in one worker; its folder is removed
+   when the tune stage ends, however it ends, and the job's tune folder (every attempt's)
+   when the job ends (crucible.tune.scratch, from runner.on_terminal).
 
 Workers must share the local artifact folder (one machine or a shared volume): with a
 remote artifact store (CRUCIBLE_ARTIFACTS_URI) the fan-out is off.
@@ -49,12 +51,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crucible.artifacts import artifact_store
-from crucible.errors import JobCancelled
+from crucible.errors import CrucibleError, JobCancelled
 from crucible.lease import LeaseLost
 from crucible.settings import Settings
 from crucible.split import chord_backend
 from crucible.stats.cache import worker_record
 from crucible.tune.factorized import FactorizedModule, module_from_state
+from crucible.tune.scratch import remove_tune_files, tune_prefix
 from crucible.tune.space import GroupValues
 from crucible.tune.trial import TrialResult, run_trial
 
@@ -74,10 +77,6 @@ POLL_SECONDS = 0.05
 
 # (job id, owner, trial indices) -> sends one trial task per index.
 SendTrials = Callable[[str, str, list[int]], None]
-
-
-def tune_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/tune"
 
 
 def attempt_folder(settings: Settings, job_id: str, owner: str) -> Path:
@@ -192,7 +191,9 @@ class TrialFiles:
                     aside.unlink()
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):
+            # FileNotFoundError: the folder is gone, the attempt's tuning over (a task that
+            # found it a moment ago must not fail the job for that).
             return False
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"pid": os.getpid()}))
@@ -206,7 +207,9 @@ class TrialFiles:
 
         def beat() -> None:
             while not stop.wait(every):
-                with contextlib.suppress(FileNotFoundError):
+                # Any error (a shared volume's ESTALE or EIO) only misses this renewal: a
+                # thread that ended on it would let the parent take over a live trial.
+                with contextlib.suppress(OSError):
                     os.utime(marker)
 
         thread = threading.Thread(target=beat, name=f"trial-{index}-heartbeat", daemon=True)
@@ -242,6 +245,10 @@ def schedule(
         if len(results) == len(indices):
             return [results[i] for i in indices]
         check_cancelled()
+        if not files.folder.is_dir():
+            # Removed under us (a trial task that ended the job removes them): waiting would
+            # never end.
+            raise CrucibleError("internal", "the tuning batch's trial files were removed")
         time.sleep(poll_seconds)
 
 
@@ -304,11 +311,6 @@ class TrialFanout:
             self.files.folder.parent.rmdir()
 
 
-def remove_tune_files(settings: Settings, job_id: str) -> None:
-    """The job's tune folder once the job is over (a trial task ended it)."""
-    shutil.rmtree(artifact_store(settings).local_path(tune_prefix(job_id)), ignore_errors=True)
-
-
 def fanout_for(settings: Settings, send: SendTrials) -> Callable[[str, str], TrialFanout]:
     """The runner's factory: (job id, owner) -> the parent's TrialFanout."""
     return lambda job_id, owner: TrialFanout(settings, send, job_id, owner)
@@ -327,6 +329,15 @@ class _Loaded:
 # The last job attempt's evaluator and modules in this process: a job's later trials on
 # this worker do not load them again. One entry: a new job's trial frees the previous.
 _LOADED: list[_Loaded] = []
+
+
+def free_loaded(task_name: str | None) -> None:
+    """Before any other task of this process (worker.tasks, task_prerun): the last job's
+    evaluator and modules (a model's size, and more) go. The trial task that loaded them
+    cannot know it was the job's last one here, and a later trial task may never come to
+    this process: the next job would run beside them."""
+    if task_name != TUNE_TRIAL_TASK:
+        _LOADED.clear()
 
 
 def _load(
