@@ -454,6 +454,20 @@ def absent_base(like: torch.Tensor) -> torch.Tensor:
     return torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
 
 
+@dataclass(frozen=True)
+class _PlannedChunk:
+    """Where one chunk's bytes are: the tensor, its rows (None: whole), its blocks, the
+    bytes read from each input (0: not read), and its place among the tensor's chunks."""
+
+    name: str
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None
+    group: list[tuple[int, int] | None]
+    sizes: list[int]
+    index: int
+    count: int
+
+
 def chunk_producer(
     names: list[str],
     method: MethodInfo,
@@ -473,7 +487,7 @@ def chunk_producer(
     stats = method.tensor_stats is not None
     inputs = [base, *experts]
 
-    def produce(take_slot: Callable[[], int]) -> Iterator[tuple[int, Chunk]]:
+    def plan() -> Iterator[_PlannedChunk]:
         for name in names:
             shape = base.info(name).shape
             blocks = row_blocks(shape, blockwise)
@@ -485,27 +499,40 @@ def chunk_producer(
                 sizes = [_aligned(_rows_count(rows, shape) * b) for b in row_bytes]
                 if not method.needs_base:
                     sizes[0] = 0  # not read: merge_chunks hands the method a placeholder
-                slot = take_slot()
-                buf = buffers.get(slot)
-                need = sum(sizes)
-                if buf is None or buf.numel() < need or buf.numel() > 4 * max(need, CHUNK_BYTES):
-                    buffers.pop(slot, None)  # free the old one before growing
-                    buf = buffers[slot] = torch.empty(
-                        max(need, 1), dtype=torch.uint8, pin_memory=pin
-                    )
-                views, offset = [], 0
-                for i, (reader, size) in enumerate(zip(inputs, sizes, strict=True)):
-                    if i == 0 and not method.needs_base:
-                        views.append(buf[:0])
-                        continue
-                    views.append(reader.read_into(name, rows, buf[offset : offset + size]))
-                    offset += size
-                last = index == len(groups) - 1
-                chunk = Chunk(name, rows, group, views[0], views[1:], len(groups) == 1, last)
-                if method.prepare is not None and params_for is not None:
-                    done = method.prepare(name, shape, rows, params_for(name), len(experts))
-                    chunk.prepared = (rows, done)
-                yield slot, chunk
+                yield _PlannedChunk(name, shape, rows, group, sizes, index, len(groups))
+
+    def produce(take_slot: Callable[[], int]) -> Iterator[tuple[int, Chunk]]:
+        planned = plan()
+        current = next(planned, None)
+        while current is not None:
+            following = next(planned, None)
+            name, shape, rows, sizes = current.name, current.shape, current.rows, current.sizes
+            slot = take_slot()
+            buf = buffers.get(slot)
+            need = sum(sizes)
+            if buf is None or buf.numel() < need or buf.numel() > 4 * max(need, CHUNK_BYTES):
+                buffers.pop(slot, None)  # free the old one before growing
+                buf = buffers[slot] = torch.empty(max(need, 1), dtype=torch.uint8, pin_memory=pin)
+            views, offset = [], 0
+            for i, (reader, size) in enumerate(zip(inputs, sizes, strict=True)):
+                if i == 0 and not method.needs_base:
+                    views.append(buf[:0])
+                    continue
+                views.append(reader.read_into(name, rows, buf[offset : offset + size]))
+                offset += size
+            if following is not None:
+                # The disk reads the next chunk while this thread draws masks and waits for
+                # a free slot (cold cache: the reads were otherwise idle then).
+                for i, reader in enumerate(inputs):
+                    if following.sizes[i]:
+                        reader.will_need(following.name, following.rows)
+            last = current.index == current.count - 1
+            chunk = Chunk(name, rows, current.group, views[0], views[1:], current.count == 1, last)
+            if method.prepare is not None and params_for is not None:
+                done = method.prepare(name, shape, rows, params_for(name), len(experts))
+                chunk.prepared = (rows, done)
+            yield slot, chunk
+            current = following
 
     return produce
 

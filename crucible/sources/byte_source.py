@@ -8,6 +8,7 @@ TensorReader opens its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -59,6 +60,14 @@ class LocalFile:
         if self._fd is None:
             raise ValueError(f"{self.path}: read from a closed source")
         pread_view(self._fd, view, offset, self.path)
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading [offset, offset + length) into the page cache
+        (advisory: errors and systems without posix_fadvise are ignored)."""
+        if self._fd is None or not hasattr(os, "posix_fadvise"):
+            return
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self._fd is not None:

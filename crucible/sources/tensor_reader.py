@@ -123,21 +123,24 @@ class TensorReader:
         The bytes as stored: an adapter's ΔW is not added."""
         return self._read_info(self.info(name), rows, out)
 
+    def will_need(self, name: str, rows: tuple[int, int] | None) -> None:
+        """Hint that read_into(name, rows) comes next: a local file starts reading those
+        bytes into the page cache now (posix_fadvise WILLNEED), so the disk works while
+        the caller computes; streamed sources ignore it."""
+        if not self._open:
+            raise RuntimeError("TensorReader is closed: use it as a context manager")
+        info = self.info(name)
+        offset, nbytes, _ = _byte_range(info, rows)
+        hint = getattr(self._source(info.file), "will_need", None)
+        if hint is not None and nbytes:
+            hint(offset, nbytes)
+
     def _read_info(
         self, info: TensorInfo, rows: tuple[int, int] | None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         if not self._open:
             raise RuntimeError("TensorReader is closed: use it as a context manager")
-        shape = info.shape
-        offset, nbytes = info.start, info.nbytes
-        if rows is not None:
-            start, stop = rows
-            if not shape or not 0 <= start <= stop <= shape[0]:
-                raise ValueError(f"rows {rows} out of range for {info.name!r} of shape {shape}")
-            row_bytes = nbytes // shape[0] if shape[0] else 0
-            offset += start * row_bytes
-            nbytes = (stop - start) * row_bytes
-            shape = (stop - start, *shape[1:])
+        offset, nbytes, shape = _byte_range(info, rows)
         if out is None:
             buf = torch.empty(nbytes, dtype=torch.uint8)
         elif out.dtype != torch.uint8 or out.numel() < nbytes or not out.is_contiguous():
@@ -149,8 +152,26 @@ class TensorReader:
         dtype = getattr(torch, torch_name_for_code(info.dtype))
         return buf.view(dtype).reshape(shape)
 
-    def _pread_into(self, path: Path, buf: torch.Tensor, offset: int) -> None:
+    def _source(self, path: Path) -> ByteSource:
         source = self._sources.get(path)
         if source is None:
             source = self._sources[path] = open_source(path, self.model.remote)
-        source.read_into(offset, memoryview(buf.numpy()))
+        return source
+
+    def _pread_into(self, path: Path, buf: torch.Tensor, offset: int) -> None:
+        self._source(path).read_into(offset, memoryview(buf.numpy()))
+
+
+def _byte_range(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
+    """(file offset, byte count, shape) of the tensor, or of rows [start, stop) of it."""
+    shape = tuple(info.shape)
+    offset, nbytes = info.start, info.nbytes
+    if rows is not None:
+        start, stop = rows
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"rows {rows} out of range for {info.name!r} of shape {shape}")
+        row_bytes = nbytes // shape[0] if shape[0] else 0
+        offset += start * row_bytes
+        nbytes = (stop - start) * row_bytes
+        shape = (stop - start, *shape[1:])
+    return offset, nbytes, shape
