@@ -231,6 +231,20 @@ def test_a_failed_renewal_does_not_end_the_renewals(
     assert not files.claim(3, stale_seconds=60)
 
 
+def test_opening_a_batch_clears_every_earlier_run_of_the_job(tmp_path: Path) -> None:
+    """Another attempt's folder, and an earlier run under this very owner name (a chord
+    callback delivered again): their claims and results are gone before the first batch."""
+    settings = Settings(data_dir=tmp_path / "data")
+    earlier = stored_batch(settings, "job1", "host:1:earlier")
+    same = stored_batch(settings, "job1", "host:2:this")
+    assert same.claim(0) and earlier.claim(0)
+    same.write_result(1, result(7.0))
+    fanout = TrialFanout(settings, lambda *_: None, "job1", "host:2:this")
+    fanout.open([], {}, {})
+    assert fanout.files.ready() and not earlier.folder.exists()
+    assert fanout.files.read_result(1) is None and fanout.files.claim(0)
+
+
 def test_fanout_needs_a_redis_broker_a_local_artifact_folder_and_the_batch(
     tmp_path: Path,
 ) -> None:

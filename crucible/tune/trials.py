@@ -275,12 +275,13 @@ class TrialFanout:
         fixed: Mapping[str, torch.Tensor],
         group_of: Mapping[str, str],
     ) -> None:
-        """Store the factorizations; an earlier attempt's folder goes first."""
+        """Store the factorizations; an earlier attempt's folder goes first, and so does
+        this owner's own (a chord callback delivered again runs the stage again under the
+        same owner name: its earlier run's claims would hold trials nobody runs)."""
         parent = self.files.folder.parent
         if parent.is_dir():
             for other in parent.iterdir():
-                if other != self.files.folder:
-                    shutil.rmtree(other, ignore_errors=True)
+                shutil.rmtree(other, ignore_errors=True)
         save_state(self.files.folder, modules, fixed, group_of)
 
     def run_batch(
