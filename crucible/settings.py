@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     # free worker, its own worker helping (crucible.tune.trials); Redis broker and a local
     # artifact folder the workers share only. 0: never.
     trial_fanout_min_batch: int = Field(default=2, ge=0)
+    # How long after a batch starts its sent trials are left for other workers to claim
+    # before the job's worker runs them itself: an idle worker claims in milliseconds, one
+    # whose first task is still importing needs seconds. Counted from the batch's start,
+    # so it costs nothing when the job's worker's own trial takes longer.
+    trial_claim_wait_seconds: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     # Fernet key (urlsafe base64, 32 bytes) encrypting request secrets at rest. Unset in
     # embedded mode: a key is generated once under the data dir (mode 0600).
     secrets_key: SecretStr | None = None

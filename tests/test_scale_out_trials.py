@@ -191,6 +191,48 @@ def test_the_parent_waits_for_a_live_claim(tmp_path: Path) -> None:
     assert [r.objective for r in out] == [0.0, 99.0] and out[1].worker == {"pid": 5}
 
 
+def test_a_sent_trial_is_left_to_other_workers_for_the_claim_wait(tmp_path: Path) -> None:
+    """Trial 1 went out as a task: the parent runs its own trial 0, then leaves trial 1
+    alone while the claim wait lasts; the other worker claims and finishes it then."""
+    files = TrialFiles(tmp_path)
+    runs = Runs()
+    polls: list[int] = []
+
+    def check_cancelled() -> None:
+        polls.append(1)
+        if len(polls) == 3:  # the other worker's first task finished importing: it claims
+            assert files.claim(1)
+        if len(polls) == 5:
+            files.write_result(1, result(77.0, pid=9))
+
+    out = schedule(
+        files, [0, 1], runs, check_cancelled, stale_seconds=60, poll_seconds=0,
+        sent=[1], claim_wait_seconds=600,
+    )  # fmt: skip
+    assert runs.ran == [0] and len(polls) == 5
+    assert [r.objective for r in out] == [0.0, 77.0] and out[1].worker == {"pid": 9}
+
+
+def test_the_parent_runs_a_sent_trial_nobody_claimed_once_the_wait_ends(tmp_path: Path) -> None:
+    """One worker only: nobody claims the sent trial; after the (here short) claim wait
+    the parent runs it. It was not run before the wait ended."""
+    files = TrialFiles(tmp_path)
+    runs = Runs()
+    started = time.monotonic()
+    ran_at: list[float] = []
+
+    def run_local(index: int) -> TrialResult:
+        ran_at.append(time.monotonic() - started)
+        return runs(index)
+
+    out = schedule(
+        files, [0, 1, 2], run_local, lambda: None, stale_seconds=60, poll_seconds=0.01,
+        sent=[1, 2], claim_wait_seconds=0.3,
+    )  # fmt: skip
+    assert runs.ran == [0, 1, 2] and [r.objective for r in out] == [0.0, 1.0, 2.0]
+    assert ran_at[0] < 0.3 <= ran_at[1]
+
+
 def test_a_renewed_claim_is_not_stale(tmp_path: Path) -> None:
     files = TrialFiles(tmp_path)
     assert files.claim(3)
@@ -572,13 +614,19 @@ def upload(client: PatientClient, family: Family) -> str:
     return str(resp.json()["id"])
 
 
+# The other worker's first trial task imports torch and the evaluator's modules before it
+# can claim (seconds on a loaded machine) while a trial here takes 0.1-4 s: without a
+# long wait the job's worker could run every trial and the tests below would prove nothing.
+CLAIM_WAIT = {"CRUCIBLE_TRIAL_CLAIM_WAIT_SECONDS": "120"}
+
+
 @pytest.fixture(scope="module")
 def world(
     tmp_path_factory: pytest.TempPathFactory, postgres: OwnPostgres, family: Family
 ) -> Iterator[World]:
     """API + two workers with the default trial_fanout_min_batch (2)."""
     work = tmp_path_factory.mktemp("shared")
-    with faults.service(work, postgres, family.root, workers=2) as svc:
+    with faults.service(work, postgres, family.root, workers=2, **CLAIM_WAIT) as svc:
         client = svc.client(180)
         dataset = upload(client, family)
         store = svc.store()
@@ -634,6 +682,7 @@ def test_a_killed_workers_trial_is_taken_over_by_the_parent(
         "CRUCIBLE_LEASE_SECONDS": "10",
         "CRUCIBLE_HEARTBEAT_SECONDS": "1",
         "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
+        **CLAIM_WAIT,
     }
     with faults.service(tmp_path, postgres, family.root, workers=2, **lease) as svc:
         client = svc.client(180)

@@ -42,7 +42,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,10 +228,15 @@ def schedule(
     check_cancelled: Callable[[], None],
     stale_seconds: float,
     poll_seconds: float = POLL_SECONDS,
+    sent: Collection[int] = (),
+    claim_wait_seconds: float = 0.0,
 ) -> list[TrialResult]:
     """The parent's side of one batch: every trial in `indices` that has no result and no
-    live claimant runs here, in index order; then wait for the others' results."""
+    live claimant runs here, in index order; then wait for the others' results. A trial
+    in `sent` (a task went out for it) is left to the other workers until
+    `claim_wait_seconds` after the batch started; unclaimed by then, it runs here."""
     results: dict[int, TrialResult] = {}
+    others_until = time.monotonic() + claim_wait_seconds
     while True:
         for index in indices:
             if index in results:
@@ -239,6 +244,8 @@ def schedule(
             done = files.read_result(index)
             if done is not None:
                 results[index] = done
+            elif index in sent and time.monotonic() < others_until:
+                continue
             elif files.claim(index, stale_seconds):
                 results[index] = run_local(index)
                 files.write_result(index, results[index])
@@ -294,14 +301,22 @@ class TrialFanout:
         indices = list(range(first, first + len(batch)))
         for index, values in zip(indices, batch, strict=True):
             self.files.write_values(index, values)
+        sent: list[int] = []
         if len(indices) > 1:
             try:
                 self._send(self._job_id, self._owner, indices[1:])
+                sent = indices[1:]
             except Exception:
                 # The broker is down: nobody else will help, and the parent runs them all.
                 log.warning("job %s: trial tasks not sent", self._job_id, exc_info=True)
         return schedule(
-            self.files, indices, run_local, check_cancelled, self._settings.lease_seconds
+            self.files,
+            indices,
+            run_local,
+            check_cancelled,
+            self._settings.lease_seconds,
+            sent=sent,
+            claim_wait_seconds=self._settings.trial_claim_wait_seconds,
         )
 
     def close(self) -> None:
