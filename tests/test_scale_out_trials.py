@@ -213,6 +213,29 @@ def test_a_sent_trial_is_left_to_other_workers_for_the_claim_wait(tmp_path: Path
     assert [r.objective for r in out] == [0.0, 77.0] and out[1].worker == {"pid": 9}
 
 
+def test_a_stale_claim_on_a_sent_trial_is_taken_over_within_the_claim_wait(
+    tmp_path: Path,
+) -> None:
+    """The worker that claimed sent trial 1 died: its claim is taken over once stale, not
+    only after the claim wait (which is for trials nobody has claimed yet)."""
+    files = TrialFiles(tmp_path)
+    assert files.claim(1)
+    old = time.time() - 120
+    os.utime(files.started(1), (old, old))
+    runs = Runs()
+    polls: list[int] = []
+
+    def check_cancelled() -> None:
+        polls.append(1)
+        assert len(polls) < 100, "the parent kept waiting on a dead worker's claim"
+
+    out = schedule(
+        files, [0, 1], runs, check_cancelled, stale_seconds=60, poll_seconds=0,
+        sent=[1], claim_wait_seconds=600,
+    )  # fmt: skip
+    assert runs.ran == [0, 1] and [r.objective for r in out] == [0.0, 1.0]
+
+
 def test_the_parent_runs_a_sent_trial_nobody_claimed_once_the_wait_ends(tmp_path: Path) -> None:
     """One worker only: nobody claims the sent trial; after the (here short) claim wait
     the parent runs it. It was not run before the wait ended."""
@@ -703,10 +726,21 @@ def test_a_killed_workers_trial_is_taken_over_by_the_parent(
             return None
 
         marker, pid, parent = wait_until(held_elsewhere, 300, "a trial on the other worker", 0.02)
-        svc.procs.kill(svc.worker_pids()[parent_pid(pid)])
+        victim = svc.worker_pids()[parent_pid(pid)]
+        svc.procs.kill(victim)
         index = int(marker.name.split("-")[1].split(".")[0])
         # Killed mid-trial: no result came, and none can come from the dead process.
-        assert not marker.with_name(f"trial-{index}.json").exists()
+        result = marker.with_name(f"trial-{index}.json")
+        assert not result.exists()
+
+        def taken_over() -> bool:
+            status = client.request("GET", f"/v1/merges/{job_id}").json()["status"]
+            return result.exists() or status not in ("queued", "running")
+
+        # Once the parent has run the trial itself, a replacement worker helps with the
+        # later batches (alone, the parent would wait out each batch's claim wait).
+        wait_until(taken_over, 300, "the parent to take the trial over")
+        svc.procs.start_worker(victim)
         job = client.wait(job_id, timeout=600)
         assert job["status"] == "succeeded", job
         items = client.request("GET", f"/v1/merges/{job_id}/trials").json()["items"]

@@ -244,8 +244,12 @@ def schedule(
             done = files.read_result(index)
             if done is not None:
                 results[index] = done
-            elif index in sent and time.monotonic() < others_until:
-                continue
+            elif (
+                index in sent
+                and time.monotonic() < others_until
+                and not files.started(index).exists()
+            ):
+                continue  # unclaimed: still the other workers' (a stale claim is taken over)
             elif files.claim(index, stale_seconds):
                 results[index] = run_local(index)
                 files.write_result(index, results[index])
