@@ -1,6 +1,7 @@
 """Rows of an earlier run, rebuilt from the RESULTS.md it wrote (its results.partial.json is gone).
 
     python bench/quality/old_rows.py 73e1ff0 2026-11-23 ace,regmean > rows-2026-11-23.json
+    python bench/quality/old_rows.py 40988d4 "2026-11-24 early" ta_0.3,tsv > early.json
 
 Only valid when the experts are the same: the caller checks that the regenerated experts score
 the same and that rows rerun now reproduce the old per-task accuracies. A per-task accuracy is
@@ -30,6 +31,9 @@ IDS = {
     "task_arithmetic (scale 1.0)": "ta_1.0",
     "ties (density 0.2, scale 1.0)": "ties",
     "regmean": "regmean",
+    "iso_cts": "iso_cts",
+    "wudi": "wudi",
+    "ties (density 0.2, tuned)": "ties_tuned",
 }
 
 
