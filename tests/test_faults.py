@@ -27,6 +27,7 @@ from tests.support.faults import (
     file_hashes,
     make_slow_family,
     service,
+    short_lease,
     small_folder,
     submit,
     wait_until,
@@ -126,11 +127,7 @@ def assert_published_once(svc: Service, job: dict[str, Any], expected: dict[str,
 def test_sigkill_of_the_worker_mid_merge_a_second_worker_finishes(
     tmp_path: Path, postgres: OwnPostgres, families: Families, clean: dict[str, Any]
 ) -> None:
-    lease = {
-        "CRUCIBLE_LEASE_SECONDS": "3",
-        "CRUCIBLE_HEARTBEAT_SECONDS": "1",
-        "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
-    }
+    lease = short_lease(3)
     with service(tmp_path, postgres, families.root, **lease) as svc:
         client = svc.client()
         job_id = submit(client, spec_of(families.slow, TIES))

@@ -31,6 +31,7 @@ from tests.support.faults import (
     Service,
     file_hashes,
     make_slow_family,
+    short_lease,
     submit,
     wait_until,
 )
@@ -184,11 +185,7 @@ def test_sigkill_of_a_worker_mid_part_still_ends_with_the_same_output(
 ) -> None:
     family = big_family
     single = single_run(family, tmp_path / "single", BIG_SHARD_SIZE)
-    lease = {
-        "CRUCIBLE_LEASE_SECONDS": "3",
-        "CRUCIBLE_HEARTBEAT_SECONDS": "1",
-        "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
-    }
+    lease = short_lease(3)
     with service(tmp_path, postgres, family, **lease) as svc:
         client = svc.client(180)
         job_id = submit(client, spec_of(family, BIG_SHARD_SIZE))

@@ -44,6 +44,7 @@ from tests.support.faults import (
     Service,
     file_hashes,
     make_slow_family,
+    short_lease,
     submit,
     wait_until,
 )
@@ -242,11 +243,7 @@ def test_sigkill_of_a_worker_mid_statistics_redoes_its_expert(
 ) -> None:
     # A lease long enough that a loaded machine's late heartbeats do not requeue the job
     # by themselves (the parent's first planning imports transformers: 15 s at load 7).
-    lease = {
-        "CRUCIBLE_LEASE_SECONDS": "10",
-        "CRUCIBLE_HEARTBEAT_SECONDS": "1",
-        "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
-    }
+    lease = short_lease(10)
     with faults.service(tmp_path, postgres, family.root, workers=2, **lease) as svc:
         client = svc.client(180)
         job_id = submit(client, spec_of(family, upload(client, family)))

@@ -68,7 +68,14 @@ from crucible.tune.trials import (
     tune_prefix,
 )
 from tests.support import faults
-from tests.support.faults import OwnPostgres, PatientClient, make_slow_family, submit, wait_until
+from tests.support.faults import (
+    OwnPostgres,
+    PatientClient,
+    make_slow_family,
+    short_lease,
+    submit,
+    wait_until,
+)
 from tests.support.reporters import QuietReporter
 from tests.support.tiny_models import tiny_texts, tiny_word_tokenizer
 from tests.test_scale_out_stats import output_of
@@ -701,12 +708,7 @@ def test_a_killed_workers_trial_is_taken_over_by_the_parent(
     """Worker B is SIGKILLed while it holds a trial: its claim stops being renewed, the
     parent (on worker A) runs that trial itself after lease_seconds, and the job ends as
     a single run would, in its first attempt (the parent kept the job's lease)."""
-    lease = {
-        "CRUCIBLE_LEASE_SECONDS": "10",
-        "CRUCIBLE_HEARTBEAT_SECONDS": "1",
-        "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
-        **CLAIM_WAIT,
-    }
+    lease = short_lease(10) | CLAIM_WAIT
     with faults.service(tmp_path, postgres, family.root, workers=2, **lease) as svc:
         client = svc.client(180)
         job_id = submit(client, spec_of(family, upload(client, family)))

@@ -43,6 +43,16 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # --------------------------------------------------------------------------- models
 
 
+def short_lease(seconds: int) -> dict[str, str]:
+    """Service env for fault tests: a lease of `seconds`, heartbeats and reaper passes
+    every second, so a killed worker's job or claim is noticed within seconds."""
+    return {
+        "CRUCIBLE_LEASE_SECONDS": str(seconds),
+        "CRUCIBLE_HEARTBEAT_SECONDS": "1",
+        "CRUCIBLE_REAPER_INTERVAL_SECONDS": "1",
+    }
+
+
 def make_slow_family(
     root: Path, n_experts: int = 2, seed: int = 11, n_layer: int = 8, n_embd: int = 256
 ) -> tuple[Path, list[Path]]:
