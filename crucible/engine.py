@@ -502,10 +502,7 @@ def chunk_producer(
                 yield _PlannedChunk(name, shape, rows, group, sizes, index, len(groups))
 
     def produce(take_slot: Callable[[], int]) -> Iterator[tuple[int, Chunk]]:
-        planned = plan()
-        current = next(planned, None)
-        while current is not None:
-            following = next(planned, None)
+        for current in plan():
             name, shape, rows, sizes = current.name, current.shape, current.rows, current.sizes
             slot = take_slot()
             buf = buffers.get(slot)
@@ -520,19 +517,12 @@ def chunk_producer(
                     continue
                 views.append(reader.read_into(name, rows, buf[offset : offset + size]))
                 offset += size
-            if following is not None:
-                # The disk reads the next chunk while this thread draws masks and waits for
-                # a free slot (cold cache: the reads were otherwise idle then).
-                for i, reader in enumerate(inputs):
-                    if following.sizes[i]:
-                        reader.will_need(following.name, following.rows)
             last = current.index == current.count - 1
             chunk = Chunk(name, rows, current.group, views[0], views[1:], current.count == 1, last)
             if method.prepare is not None and params_for is not None:
                 done = method.prepare(name, shape, rows, params_for(name), len(experts))
                 chunk.prepared = (rows, done)
             yield slot, chunk
-            current = following
 
     return produce
 

@@ -164,52 +164,6 @@ CASES = [
 ]
 
 
-def test_the_prefetch_thread_hints_each_next_chunk_before_reading_it(
-    family: tuple[Path, list[Path], Settings],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With a cold page cache the disk would idle while the prefetch thread draws masks or
-    waits for a slot: each chunk's byte ranges are handed to posix_fadvise(WILLNEED) before
-    they are read, all chunks but the first. (Spies wrap the real calls; nothing is faked.)"""
-    import os
-
-    base, experts, settings = family
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1000)
-    monkeypatch.setattr(engine, "CHUNK_BYTES", 20_000)
-    calls: list[tuple[str, int, str, tuple[int, int] | None]] = []
-    advised: list[tuple[int, int, int]] = []
-    real_hint, real_read = TensorReader.will_need, TensorReader.read_into
-    real_fadvise = os.posix_fadvise
-
-    def hint(self: TensorReader, name: str, rows: tuple[int, int] | None) -> None:
-        calls.append(("hint", id(self), name, rows))
-        real_hint(self, name, rows)
-
-    def read(self: TensorReader, name: str, rows: tuple[int, int] | None, out: torch.Tensor):
-        calls.append(("read", id(self), name, rows))
-        return real_read(self, name, rows, out)
-
-    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-        advised.append((offset, length, advice))
-        real_fadvise(fd, offset, length, advice)
-
-    monkeypatch.setattr(TensorReader, "will_need", hint)
-    monkeypatch.setattr(TensorReader, "read_into", read)
-    monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    spec = _spec(base, experts, "task_arithmetic", {"scale": 0.7}, "bfloat16")
-    pipeline.run_merge_job(spec, tmp_path / "out", settings, QuietReporter())
-    reads = [c[1:] for c in calls if c[0] == "read"]
-    assert len({(name, rows) for _, name, rows in reads}) >= 10, "too few chunks to judge"
-    first_chunk = {r for r in reads if (r[1], r[2]) == (reads[0][1], reads[0][2])}
-    for i, call in enumerate(calls):
-        if call[0] == "read" and call[1:] not in first_chunk:
-            assert ("hint", *call[1:]) in calls[:i], f"read before its hint: {call}"
-    hints = [c for c in calls if c[0] == "hint"]
-    assert len(hints) == len(reads) - len(first_chunk)
-    assert advised and all(a == os.POSIX_FADV_WILLNEED and n > 0 for _, n, a in advised)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("method", "params"), CASES, ids=[c[0] for c in CASES])
 def test_cuda_chunked_merge_equals_the_cpu_merge(

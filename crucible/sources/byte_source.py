@@ -8,10 +8,11 @@ TensorReader opens its own.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from crucible.sources.direct_read import mostly_uncached, open_direct, read_direct
 
 
 @runtime_checkable
@@ -50,29 +51,36 @@ def pread_view(fd: int, view: memoryview, offset: int, path: Path) -> None:
 
 class LocalFile:
     """A local file read with pread into the caller's buffer: no mapping, so nothing stays
-    resident after the buffer is freed (see tensor_reader.py)."""
+    resident after the buffer is freed (see tensor_reader.py). A large range that is not
+    in the page cache is read with O_DIRECT (crucible/sources/direct_read.py)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = os.open(path, os.O_RDONLY)
+        self._direct_fd: int | None = None
+        self._direct_tried = False
 
     def read_into(self, offset: int, view: memoryview) -> None:
         if self._fd is None:
             raise ValueError(f"{self.path}: read from a closed source")
+        if mostly_uncached(self._fd, offset, len(view)):
+            direct = self._direct()
+            if direct is not None:
+                read_direct(direct, view, offset, self.path)
+                return
         pread_view(self._fd, view, offset, self.path)
 
-    def will_need(self, offset: int, length: int) -> None:
-        """Ask the kernel to start reading [offset, offset + length) into the page cache
-        (advisory: errors and systems without posix_fadvise are ignored)."""
-        if self._fd is None or not hasattr(os, "posix_fadvise"):
-            return
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+    def _direct(self) -> int | None:
+        if not self._direct_tried:
+            self._direct_tried = True
+            self._direct_fd = open_direct(self.path)
+        return self._direct_fd
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._direct_fd = None
 
 
 def open_source(path: Path, remote: SourceOpener | None = None) -> ByteSource:

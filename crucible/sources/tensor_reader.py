@@ -123,18 +123,6 @@ class TensorReader:
         The bytes as stored: an adapter's ΔW is not added."""
         return self._read_info(self.info(name), rows, out)
 
-    def will_need(self, name: str, rows: tuple[int, int] | None) -> None:
-        """Hint that read_into(name, rows) comes next: a local file starts reading those
-        bytes into the page cache now (posix_fadvise WILLNEED), so the disk works while
-        the caller computes; streamed sources ignore it."""
-        if not self._open:
-            raise RuntimeError("TensorReader is closed: use it as a context manager")
-        info = self.info(name)
-        offset, nbytes, _ = _byte_range(info, rows)
-        hint = getattr(self._source(info.file), "will_need", None)
-        if hint is not None and nbytes:
-            hint(offset, nbytes)
-
     def _read_info(
         self, info: TensorInfo, rows: tuple[int, int] | None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
