@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     # broker only. 0: never; fewer misses: computed one after another by the job's worker.
     stats_fanout_min_experts: int = Field(default=2, ge=0)
     # A tuned job whose tuning.batch is at least this runs each BO batch's trials on any
-    # free worker, its own worker helping (crucible.tune.trials); Redis broker and a local
-    # artifact folder the workers share only. 0: never.
+    # free worker, its own worker helping (crucible.tune.trials); Redis broker only (the
+    # trials' board is in its Redis; the factorizations go through the artifact store, so
+    # workers on other machines help too). 0: never.
     trial_fanout_min_batch: int = Field(default=2, ge=0)
     # How long after a batch starts its sent trials are left for other workers to claim
     # before the job's worker runs them itself: an idle worker claims in milliseconds, one

@@ -1,30 +1,33 @@
-"""Scale-out of a tuning batch's trials (crucible.tune.trials, "the parent helps").
+"""Scale-out of a tuning batch's trials (crucible.tune.trials, "the parent helps"): the
+board in a real Redis of the module's own, the state through the artifact store.
 
 - Every FactorizedModule kind survives its stored state bit for bit (through the files the
   parent writes for other workers).
-- The parent's scheduling: a trial with a result is not run again, a claim nobody renews
-  is taken over, a live one is waited for (renewed past a failed renewal), removed files
-  end the wait.
-- A trial task's edges: a failure gives the trial back, a folder gone before the claim
+- The board and the parent's scheduling: a trial with a result is not run again, an
+  expired claim is taken over (within the claim wait too), a live one is waited for
+  (renewed past a failed renewal), a sent trial nobody claimed is left for the claim
+  wait, a lost claim is neither renewed nor released, every key has a TTL, a removed
+  board is never recreated and ends the wait.
+- A trial task's edges: a failure gives the trial back, a board gone before the claim
   leaves the job alone, a cancel ends the job; any other task frees its cached state;
-  a job's end removes every attempt's files; files that cannot be stored leave every
-  trial to the parent.
+  a job's end removes every attempt's board and files; state that cannot be stored
+  leaves every trial to the parent.
 - In process: trials run from the stored state (as another worker runs them) give the
-  objectives, the trials and the output of a plain single-worker run, and the tune files
-  are gone afterwards.
+  objectives, the trials and the output of a plain single-worker run, and the tune state
+  is gone afterwards.
 - With real processes: bmm (data-free) tuned on a tiny GPT-2 with tuning.batch 2 on two
   Celery workers (prefork, concurrency 1), PostgreSQL, Redis and uvicorn of the test's own:
   the batches' trials ran on both workers, and the trials (params, objectives) and the
-  published files equal those of a single-worker, in-process run of the same job.
+  published files equal those of a single-worker, in-process run of the same job; the
+  same with each worker its own local artifact folder and one S3 store (s3rver), nothing
+  of the fan-out left afterwards; a SIGKILLed worker's trial is taken over by the parent.
 """
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import torch
 
+from crucible.artifacts import artifact_store
 from crucible.datasets.schema import validate_file
 from crucible.datasets.storage import BlobWriter, DatasetHandle
 from crucible.device import compute_device
@@ -54,18 +59,27 @@ from crucible.tune.factorized import (
     build_factorized,
     module_from_state,
 )
+from crucible.tune.scratch import (
+    BOARD_TTL_SECONDS,
+    attempt_key,
+    delete_board,
+    redis_client,
+    remove_attempts,
+    remove_tune_files,
+    tune_prefix,
+)
 from crucible.tune.stage import tuning_evaluator
 from crucible.tune.trial import TrialResult, run_trial
 from crucible.tune.trials import (
+    TrialBoard,
     TrialFanout,
-    TrialFiles,
     attempt_folder,
     fanout_enabled,
+    fetch_state,
     load_state,
     run_trial_task,
     save_state,
     schedule,
-    tune_prefix,
 )
 from tests.support import faults
 from tests.support.faults import (
@@ -76,7 +90,9 @@ from tests.support.faults import (
     submit,
     wait_until,
 )
+from tests.support.redis_server import private_redis
 from tests.support.reporters import QuietReporter
+from tests.support.s3 import S3Server, s3_server
 from tests.support.tiny_models import tiny_texts, tiny_word_tokenizer
 from tests.test_scale_out_stats import output_of
 from tests.test_tune import context, fresh
@@ -141,7 +157,38 @@ def test_every_module_kind_round_trips_its_state_bit_for_bit(tmp_path: Path) -> 
         same_merges(module, back)
 
 
-# --------------------------------------------------------------------------- scheduling
+# --------------------------------------------------------------------------- the board
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of the module's own (the board's keys never touch another's)."""
+    with private_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    redis.Redis.from_url(redis_server).flushdb()
+    return redis_server
+
+
+def job_keys(url: str, job_id: str = "*") -> list[bytes]:
+    """Every board key of the job (of every job by default) left in Redis."""
+    return sorted(redis.Redis.from_url(url).scan_iter(match=f"crucible:tune:{job_id}:*"))
+
+
+def new_board(url: str, job_id: str = "job1", attempt: str = "a1") -> TrialBoard:
+    """An opened board; each TrialBoard is one claimant (another worker: another board)."""
+    board = TrialBoard(redis.Redis.from_url(url), job_id, attempt)
+    board.open()
+    return board
+
+
+def other_worker(board: TrialBoard) -> TrialBoard:
+    """The same attempt's board as another process sees it."""
+    job_id, attempt = board.namespace.split(":")[2:4]
+    return TrialBoard(board.client, job_id, attempt)
 
 
 def result(value: float, pid: int = 0) -> TrialResult:
@@ -159,31 +206,36 @@ class Runs:
         return result(float(index))
 
 
-def test_the_parent_skips_a_trial_with_a_result(tmp_path: Path) -> None:
-    files = TrialFiles(tmp_path)
-    files.write_result(1, result(41.0, pid=7))  # another worker finished trial 1
+def test_the_parent_skips_a_trial_with_a_result(redis_url: str) -> None:
+    board = new_board(redis_url)
+    other_worker(board).write_result(1, result(41.0, pid=7))  # another worker finished 1
     runs = Runs()
-    out = schedule(files, [0, 1, 2], runs, lambda: None, stale_seconds=60)
+    out = schedule(board, [0, 1, 2], runs, lambda: None)
     assert runs.ran == [0, 2]
     assert [r.objective for r in out] == [0.0, 41.0, 2.0] and out[1].worker == {"pid": 7}
-    # The parent's own results are on disk too: a task that starts late finds them.
-    assert files.read_result(2) == result(2.0)
-    assert not files.claim(0) and not files.claim(2)
+    # The parent's own results are on the board too: a task that starts late finds them,
+    # and its claims hold (a task never runs a trial the parent ran).
+    assert board.read_result(2) == result(2.0)
+    late = other_worker(board)
+    assert not late.claim(0, 60) and not late.claim(2, 60)
 
 
-def test_the_parent_takes_over_a_claim_nobody_renews(tmp_path: Path) -> None:
-    files = TrialFiles(tmp_path)
-    assert files.claim(1)  # a worker took trial 1, then died: its marker ages
-    old = time.time() - 120
-    os.utime(files.started(1), (old, old))
+def test_the_parent_takes_over_a_claim_nobody_renews(redis_url: str) -> None:
+    """A worker took trial 1, then died: its claim is not renewed; the parent waits while
+    the lease lasts and runs the trial once it ran out."""
+    board = new_board(redis_url)
+    assert other_worker(board).claim(1, lease_seconds=0.5)
     runs = Runs()
-    out = schedule(files, [0, 1], runs, lambda: None, stale_seconds=60)
+    waited: list[int] = []
+    out = schedule(board, [0, 1], runs, lambda: waited.append(1), poll_seconds=0.01)
     assert runs.ran == [0, 1] and [r.objective for r in out] == [0.0, 1.0]
+    assert waited  # it was live when the parent got to it
 
 
-def test_the_parent_waits_for_a_live_claim(tmp_path: Path) -> None:
-    files = TrialFiles(tmp_path)
-    assert files.claim(1)  # a live worker holds trial 1
+def test_the_parent_waits_for_a_live_claim(redis_url: str) -> None:
+    board = new_board(redis_url)
+    worker = other_worker(board)
+    assert worker.claim(1, lease_seconds=60)  # a live worker holds trial 1
     runs = Runs()
     checks: list[int] = []
 
@@ -191,44 +243,47 @@ def test_the_parent_waits_for_a_live_claim(tmp_path: Path) -> None:
         # Called while the parent waits: the other worker finishes trial 1 meanwhile.
         checks.append(1)
         if len(checks) == 3:
-            files.write_result(1, result(99.0, pid=5))
+            worker.write_result(1, result(99.0, pid=5))
+            assert worker.release(1)
 
-    out = schedule(files, [0, 1], runs, check_cancelled, stale_seconds=60, poll_seconds=0)
+    out = schedule(board, [0, 1], runs, check_cancelled, poll_seconds=0)
     assert runs.ran == [0] and len(checks) == 3
     assert [r.objective for r in out] == [0.0, 99.0] and out[1].worker == {"pid": 5}
 
 
-def test_a_sent_trial_is_left_to_other_workers_for_the_claim_wait(tmp_path: Path) -> None:
+def test_a_sent_trial_is_left_to_other_workers_for_the_claim_wait(redis_url: str) -> None:
     """Trial 1 went out as a task: the parent runs its own trial 0, then leaves trial 1
     alone while the claim wait lasts; the other worker claims and finishes it then."""
-    files = TrialFiles(tmp_path)
+    board = new_board(redis_url)
+    worker = other_worker(board)
     runs = Runs()
     polls: list[int] = []
 
     def check_cancelled() -> None:
         polls.append(1)
         if len(polls) == 3:  # the other worker's first task finished importing: it claims
-            assert files.claim(1)
+            assert worker.claim(1, 60)
         if len(polls) == 5:
-            files.write_result(1, result(77.0, pid=9))
+            worker.write_result(1, result(77.0, pid=9))
 
     out = schedule(
-        files, [0, 1], runs, check_cancelled, stale_seconds=60, poll_seconds=0,
-        sent=[1], claim_wait_seconds=600,
-    )  # fmt: skip
+        board, [0, 1], runs, check_cancelled, poll_seconds=0, sent=[1], claim_wait_seconds=600
+    )
     assert runs.ran == [0] and len(polls) == 5
     assert [r.objective for r in out] == [0.0, 77.0] and out[1].worker == {"pid": 9}
 
 
 def test_a_stale_claim_on_a_sent_trial_is_taken_over_within_the_claim_wait(
-    tmp_path: Path,
+    redis_url: str,
 ) -> None:
-    """The worker that claimed sent trial 1 died: its claim is taken over once stale, not
-    only after the claim wait (which is for trials nobody has claimed yet)."""
-    files = TrialFiles(tmp_path)
-    assert files.claim(1)
-    old = time.time() - 120
-    os.utime(files.started(1), (old, old))
+    """The worker that claimed sent trial 1 died: its claim is taken over once expired,
+    not only after the claim wait (which is for trials nobody has claimed yet): an expired
+    claim is no key at all, and the "claimed once" key tells it from a trial never
+    claimed."""
+    board = new_board(redis_url)
+    assert other_worker(board).claim(1, lease_seconds=0.2)
+    time.sleep(0.3)
+    assert board.claimant(1) is None and board.claimed_once(1)
     runs = Runs()
     polls: list[int] = []
 
@@ -237,16 +292,15 @@ def test_a_stale_claim_on_a_sent_trial_is_taken_over_within_the_claim_wait(
         assert len(polls) < 100, "the parent kept waiting on a dead worker's claim"
 
     out = schedule(
-        files, [0, 1], runs, check_cancelled, stale_seconds=60, poll_seconds=0,
-        sent=[1], claim_wait_seconds=600,
-    )  # fmt: skip
+        board, [0, 1], runs, check_cancelled, poll_seconds=0, sent=[1], claim_wait_seconds=600
+    )
     assert runs.ran == [0, 1] and [r.objective for r in out] == [0.0, 1.0]
 
 
-def test_the_parent_runs_a_sent_trial_nobody_claimed_once_the_wait_ends(tmp_path: Path) -> None:
+def test_the_parent_runs_a_sent_trial_nobody_claimed_once_the_wait_ends(redis_url: str) -> None:
     """One worker only: nobody claims the sent trial; after the (here short) claim wait
     the parent runs it. It was not run before the wait ended."""
-    files = TrialFiles(tmp_path)
+    board = new_board(redis_url)
     runs = Runs()
     started = time.monotonic()
     ran_at: list[float] = []
@@ -256,85 +310,129 @@ def test_the_parent_runs_a_sent_trial_nobody_claimed_once_the_wait_ends(tmp_path
         return runs(index)
 
     out = schedule(
-        files, [0, 1, 2], run_local, lambda: None, stale_seconds=60, poll_seconds=0.01,
+        board, [0, 1, 2], run_local, lambda: None, poll_seconds=0.01,
         sent=[1, 2], claim_wait_seconds=0.3,
     )  # fmt: skip
     assert runs.ran == [0, 1, 2] and [r.objective for r in out] == [0.0, 1.0, 2.0]
     assert ran_at[0] < 0.3 <= ran_at[1]
 
 
-def test_a_renewed_claim_is_not_stale(tmp_path: Path) -> None:
-    files = TrialFiles(tmp_path)
-    assert files.claim(3)
-    old = time.time() - 120
-    os.utime(files.started(3), (old, old))
-    with files.heartbeat(3, every=0.01):
-        deadline = time.monotonic() + 30
-        while files.started(3).stat().st_mtime < old + 60 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    assert not files.claim(3, stale_seconds=60)
+def test_a_renewed_claim_is_not_stale(redis_url: str) -> None:
+    board = new_board(redis_url)
+    worker = other_worker(board)
+    assert worker.claim(3, lease_seconds=0.3)
+    with worker.heartbeat(3, every=0.05, lease_seconds=0.3):
+        time.sleep(1.0)  # three leases
+        assert worker.claimant(3) == worker.token
+        assert not board.claim(3, 60)
+    assert worker.claimant(3) == worker.token  # renewed, not released: it expires
+    time.sleep(0.4)
+    assert board.claim(3, 60)
 
 
 def test_a_failed_renewal_does_not_end_the_renewals(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A shared volume's passing error (ESTALE) on one renewal: the marker is renewed on,
-    so the parent never takes a live trial over."""
-    files = TrialFiles(tmp_path)
-    assert files.claim(3)
-    old = time.time() - 120
-    os.utime(files.started(3), (old, old))
-    real_utime = os.utime
+    """Redis unreachable for one renewal: the claim is renewed on, so the parent never
+    takes a live trial over."""
+    board = new_board(redis_url)
+    worker = other_worker(board)
+    assert worker.claim(3, lease_seconds=0.4)
+    real_renew = TrialBoard.renew
     failed: list[int] = []
 
-    def flaky_utime(path: Any, *args: Any, **kwargs: Any) -> None:
+    def flaky_renew(self: TrialBoard, index: int, lease_seconds: float) -> bool:
         if not failed:
             failed.append(1)
-            raise OSError(errno.ESTALE, "Stale file handle")
-        real_utime(path, *args, **kwargs)
+            raise redis.ConnectionError("Connection reset by peer")
+        return real_renew(self, index, lease_seconds)
 
-    monkeypatch.setattr(os, "utime", flaky_utime)
-    with files.heartbeat(3, every=0.01):
-        deadline = time.monotonic() + 30
-        while files.started(3).stat().st_mtime < old + 60 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    monkeypatch.undo()
+    monkeypatch.setattr(TrialBoard, "renew", flaky_renew)
+    with worker.heartbeat(3, every=0.05, lease_seconds=0.4):
+        time.sleep(1.2)
+        assert not board.claim(3, 60)
     assert failed == [1]
-    assert not files.claim(3, stale_seconds=60)
 
 
-def test_opening_a_batch_clears_every_earlier_run_of_the_job(tmp_path: Path) -> None:
-    """Another attempt's folder, and an earlier run under this very owner name (a chord
-    callback delivered again): their claims and results are gone before the first batch."""
-    settings = Settings(data_dir=tmp_path / "data")
+def test_a_worker_that_lost_its_claim_cannot_renew_or_release_anothers(redis_url: str) -> None:
+    board = new_board(redis_url)
+    slow, taker = other_worker(board), other_worker(board)
+    assert slow.claim(2, lease_seconds=0.1)
+    time.sleep(0.2)  # slow's claim expired: taken over
+    assert taker.claim(2, lease_seconds=60)
+    assert not slow.renew(2, 60) and not slow.release(2)
+    assert board.claimant(2) == taker.token
+    ttl = board.client.pttl(board.key("claim:2"))
+    assert 50_000 < ttl <= 60_000
+    assert taker.release(2) and board.claimant(2) is None
+
+
+def test_every_board_key_expires(redis_url: str) -> None:
+    """A board nobody removes (every worker gone) still goes: no key without a TTL."""
+    board = new_board(redis_url)
+    board.write_values(0, {"global": {"scale": 1.0}})
+    board.write_result(0, result(1.0))
+    assert board.claim(0, 60)
+    keys = job_keys(redis_url)
+    assert len(keys) == 5  # open, in:0, out:0, claim:0, claimed:0
+    assert all(0 < board.client.pttl(k) <= BOARD_TTL_SECONDS * 1000 for k in keys)
+
+
+def test_a_removed_board_stays_removed(redis_url: str) -> None:
+    """Once removed, no write recreates a key (a task that finishes late, a claim)."""
+    board = new_board(redis_url)
+    worker = other_worker(board)
+    assert worker.claim(1, 60)
+    delete_board(board.client, "job1")
+    assert job_keys(redis_url) == [] and not board.is_open() and board.generation() is None
+    assert not worker.write_result(1, result(1.0)) and not board.write_values(2, {})
+    assert not board.claim(2, 60) and not worker.renew(1, 60)
+    assert job_keys(redis_url) == []
+
+
+def test_opening_a_batch_clears_every_earlier_run_of_the_job(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Another attempt's state, and an earlier run under this very owner name (a chord
+    callback delivered again): their claims and results are gone before the first batch;
+    another job's board is left alone."""
+    settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url)
     earlier = stored_batch(settings, "job1", "host:1:earlier")
     same = stored_batch(settings, "job1", "host:2:this")
-    assert same.claim(0) and earlier.claim(0)
+    unrelated = stored_batch(settings, "job2", "host:2:this")
+    assert same.claim(0, 60) and earlier.claim(0, 60)
     same.write_result(1, result(7.0))
     fanout = TrialFanout(settings, lambda *_: None, "job1", "host:2:this")
     fanout.open([], {}, {})
-    assert fanout.files.ready() and not earlier.folder.exists()
-    assert fanout.files.read_result(1) is None and fanout.files.claim(0)
+    assert fanout.board.is_open() and (fanout.folder / "manifest.json").is_file()
+    assert not attempt_folder(settings, "job1", "host:1:earlier").exists()
+    assert not earlier.is_open() and earlier.claimant(0) is None
+    assert fanout.board.read_result(1) is None and fanout.board.claim(0, 60)
+    assert unrelated.is_open() and unrelated.read_values(1) == {
+        "global": {"rho": 0.1, "scale": 1.0}
+    }
+    fanout.close()
+    assert job_keys(redis_url, "job1") == [] and not fanout.folder.exists()
+    assert job_keys(redis_url, "job2") != []
 
 
-def test_fanout_needs_a_redis_broker_a_local_artifact_folder_and_the_batch(
-    tmp_path: Path,
-) -> None:
-    redis = {"data_dir": tmp_path, "broker_url": "redis://127.0.0.1:9/0"}
-    assert fanout_enabled(Settings(**redis), 2)
-    assert not fanout_enabled(Settings(**redis), 1)
-    assert not fanout_enabled(Settings(**redis, trial_fanout_min_batch=3), 2)
-    assert not fanout_enabled(Settings(**redis, trial_fanout_min_batch=0), 16)
-    assert not fanout_enabled(Settings(**redis, artifacts_uri="s3://bucket/p"), 2)
+def test_fanout_needs_a_redis_broker_and_the_batch(tmp_path: Path) -> None:
+    redis_broker = {"data_dir": tmp_path, "broker_url": "redis://127.0.0.1:9/0"}
+    assert fanout_enabled(Settings(**redis_broker), 2)
+    assert not fanout_enabled(Settings(**redis_broker), 1)
+    assert not fanout_enabled(Settings(**redis_broker, trial_fanout_min_batch=3), 2)
+    assert not fanout_enabled(Settings(**redis_broker, trial_fanout_min_batch=0), 16)
+    # A remote artifact store: the state goes through it, the board through Redis.
+    assert fanout_enabled(Settings(**redis_broker, artifacts_uri="s3://bucket/p"), 2)
     assert not fanout_enabled(Settings(data_dir=tmp_path), 2)  # embedded: no broker
 
 
 # --------------------------------------------------------------------------- a trial task
 
 
-def owned_job(tmp_path: Path) -> tuple[JobStore, Settings, str, str]:
+def owned_job(tmp_path: Path, redis_url: str) -> tuple[JobStore, Settings, str, str]:
     """A running job (its models nowhere: resolving fails) claimed by a parent."""
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url)
     store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     store.migrate()
     spec = {
@@ -350,35 +448,47 @@ def owned_job(tmp_path: Path) -> tuple[JobStore, Settings, str, str]:
     return store, settings, job.id, owner
 
 
-def stored_batch(settings: Settings, job_id: str, owner: str) -> TrialFiles:
-    files = TrialFiles(attempt_folder(settings, job_id, owner))
-    save_state(files.folder, [], {}, {})
-    files.write_values(1, {"global": {"rho": 0.1, "scale": 1.0}})
-    return files
+def stored_batch(settings: Settings, job_id: str, owner: str) -> TrialBoard:
+    """An opened attempt as its parent leaves it: state stored, board open, trial 1's
+    values on it. The board returned is the parent's."""
+    folder = attempt_folder(settings, job_id, owner)
+    save_state(folder, [], {}, {})
+    client = redis_client(settings)
+    assert client is not None
+    board = TrialBoard(client, job_id, attempt_key(owner))
+    board.open()
+    assert board.write_values(1, {"global": {"rho": 0.1, "scale": 1.0}})
+    return board
 
 
-def test_a_trial_task_that_fails_gives_its_trial_back_to_the_parent(tmp_path: Path) -> None:
-    store, settings, job_id, owner = owned_job(tmp_path)
-    files = stored_batch(settings, job_id, owner)
+def test_a_trial_task_that_fails_gives_its_trial_back_to_the_parent(
+    tmp_path: Path, redis_url: str
+) -> None:
+    store, settings, job_id, owner = owned_job(tmp_path, redis_url)
+    board = stored_batch(settings, job_id, owner)
     assert run_trial_task(job_id, owner, 1, store, settings) is None
-    assert not files.started(1).exists() and files.read_result(1) is None
+    assert board.claimant(1) is None and board.read_result(1) is None
+    assert board.claimed_once(1)  # it was claimed: the parent takes it at once
     job = store.get_job(job_id)
     assert job is not None and job.status == "running"
     (released,) = [e for e in job.events if e.kind == "trial_released"]
     assert released.data is not None and released.data["trial"] == 1
     # The parent then claims and runs it as any unclaimed trial.
-    assert files.claim(1, stale_seconds=settings.lease_seconds)
+    assert board.claim(1, settings.lease_seconds)
 
 
 def test_a_trial_task_leaves_a_taken_trial_and_a_job_not_its_owners_alone(
-    tmp_path: Path,
+    tmp_path: Path, redis_url: str
 ) -> None:
-    store, settings, job_id, owner = owned_job(tmp_path)
-    files = stored_batch(settings, job_id, owner)
-    assert files.claim(1)  # the parent has it: the task does nothing (no resolve error)
+    store, settings, job_id, owner = owned_job(tmp_path, redis_url)
+    board = stored_batch(settings, job_id, owner)
+    assert board.claim(1, 60)  # the parent has it: the task does nothing (no resolve error)
     assert run_trial_task(job_id, owner, 1, store, settings) is None
-    files.write_result(1, result(3.0))
+    assert board.claimant(1) == board.token
+    board.write_result(1, result(3.0))
+    assert board.release(1)
     assert run_trial_task(job_id, owner, 1, store, settings) is None
+    assert board.claimant(1) is None  # a trial with a result is not claimed again
     # A task of an earlier attempt: the job runs under another owner now.
     assert run_trial_task(job_id, worker_identity(), 1, store, settings) is None
     job = store.get_job(job_id)
@@ -386,54 +496,65 @@ def test_a_trial_task_leaves_a_taken_trial_and_a_job_not_its_owners_alone(
     assert not [e for e in job.events if e.kind == "trial_released"]
 
 
-def test_a_cancelled_jobs_trial_task_ends_it_and_removes_the_tune_files(tmp_path: Path) -> None:
-    store, settings, job_id, owner = owned_job(tmp_path)
-    files = stored_batch(settings, job_id, owner)
+def test_a_cancelled_jobs_trial_task_ends_it_and_removes_the_tune_files(
+    tmp_path: Path, redis_url: str
+) -> None:
+    store, settings, job_id, owner = owned_job(tmp_path, redis_url)
+    board = stored_batch(settings, job_id, owner)
     assert store.request_cancel(job_id, "acme") is not None
     assert run_trial_task(job_id, owner, 1, store, settings) == "cancelled"
-    assert not files.folder.exists()
+    assert not board.is_open() and job_keys(redis_url, job_id) == []
     assert not (settings.artifacts_root / tune_prefix(job_id)).exists()
 
 
-def test_a_trial_task_whose_files_go_before_its_claim_leaves_the_job_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_trial_task_whose_board_goes_before_its_claim_leaves_the_job_alone(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The parent's tuning ends (its folder removed) between the task's look at the files
-    and its claim: the task does nothing, the job (now in its merge stage) runs on."""
-    store, settings, job_id, owner = owned_job(tmp_path)
-    files = TrialFiles(attempt_folder(settings, job_id, owner))
-    monkeypatch.setattr(TrialFiles, "ready", lambda self: True)  # it was, a moment ago
-    assert not files.folder.exists()
+    """The parent's tuning ends (its board removed) between the task's look at the board
+    and its claim: the task does nothing, the job (now in its merge stage) runs on, and
+    nothing of the board comes back."""
+    store, settings, job_id, owner = owned_job(tmp_path, redis_url)
+    monkeypatch.setattr(TrialBoard, "generation", lambda self: "gen")  # open, a moment ago
     assert run_trial_task(job_id, owner, 1, store, settings) is None
     job = store.get_job(job_id)
     assert job is not None and job.status == "running", job.error
-    assert not files.folder.exists()
+    assert job_keys(redis_url, job_id) == []
 
 
-def test_the_parent_stops_waiting_when_its_trial_files_are_removed(tmp_path: Path) -> None:
-    """A trial task that ended the job removed the files: the parent does not wait on."""
-    files = TrialFiles(tmp_path / "attempt")
-    files.folder.mkdir()
-    assert files.claim(1)  # another worker holds trial 1
+def test_the_parent_stops_waiting_when_its_board_is_removed(redis_url: str) -> None:
+    """A trial task that ended the job removed the board: the parent does not wait on."""
+    board = new_board(redis_url)
+    assert other_worker(board).claim(1, 60)  # another worker holds trial 1
 
     def job_ended_elsewhere() -> None:
-        shutil.rmtree(files.folder)
+        remove_attempts(Settings(broker_url=redis_url), "job1")
 
     with pytest.raises(CrucibleError, match="removed"):
-        schedule(files, [0, 1], Runs(), job_ended_elsewhere, stale_seconds=60, poll_seconds=0)
+        schedule(board, [0, 1], Runs(), job_ended_elsewhere, poll_seconds=0)
 
 
-def test_a_job_that_ends_removes_every_attempts_tune_files(tmp_path: Path) -> None:
+def test_a_job_that_ends_removes_every_attempts_tune_files(tmp_path: Path, redis_url: str) -> None:
     """Attempt 1 died in its tune stage; attempt 2 fails before tuning (its models are
-    nowhere): the job's tune folder, attempt 1's files in it, goes with the job."""
-    store, settings, job_id, first = owned_job(tmp_path)
+    nowhere): the job's tune state, attempt 1's board and files, goes with the job."""
+    store, settings, job_id, first = owned_job(tmp_path, redis_url)
     earlier = stored_batch(settings, job_id, first)
     assert store.heartbeat(job_id, first, -1)  # attempt 1's worker died: its lease ran out
-    assert earlier.ready()
+    assert earlier.is_open() and job_keys(redis_url, job_id)
     assert execute_job(job_id, store, settings) == "failed"
     held = store.ownership(job_id)
     assert held is not None and held.attempts == 2
     assert not (settings.artifacts_root / tune_prefix(job_id)).exists()
+    assert job_keys(redis_url, job_id) == []
+
+
+def test_removing_tune_files_never_raises(tmp_path: Path) -> None:
+    """Redis down (on_terminal's removal must not fail the job's end): logged, and the
+    local folder still goes."""
+    settings = Settings(data_dir=tmp_path / "data", broker_url="redis://127.0.0.1:9/0")
+    folder = attempt_folder(settings, "job1", "host:1:a")
+    save_state(folder, [], {}, {})
+    remove_tune_files(settings, "job1")
+    assert not folder.exists()
 
 
 def test_any_other_task_frees_a_trial_tasks_loaded_state(tmp_path: Path) -> None:
@@ -539,14 +660,14 @@ def single_worker_run(
 
 
 def test_trials_from_the_stored_state_equal_a_single_worker_run(
-    tmp_path: Path, family: Family
+    tmp_path: Path, family: Family, redis_url: str
 ) -> None:
     """The parent's fan-out path in process, its "other worker" a function that runs each
-    sent trial from the stored state and the files alone, as a trial task does."""
+    sent trial from the stored state and the board alone, as a trial task does."""
     settings = Settings(
         data_dir=tmp_path / "data",
         allowed_local_dirs=[family.root],
-        broker_url="redis://127.0.0.1:9/0",  # never contacted: `send` runs the trials here
+        broker_url=redis_url,  # the board's Redis; `send` runs the trials here
     )
     store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     store.migrate()
@@ -558,21 +679,21 @@ def test_trials_from_the_stored_state_equal_a_single_worker_run(
 
     def send(job_id: str, owner: str, indices: list[int]) -> None:
         sent.append(indices)
-        files = fanout.files
-        assert files.ready()
+        assert fanout.board.is_open()
         if not helper:
             inputs, _ = _resolve(spec, settings, QuietReporter())
             device = compute_device(settings.device)
+            helper["board"] = other_worker(fanout.board)
             helper["evaluator"] = tuning_evaluator(spec, inputs, {handle.id: handle}, device)
-            helper["state"] = load_state(files.folder, device)
+            helper["state"] = fetch_state(artifact_store(settings), fanout.prefix, device)
             helper["evaluator"].swapper.swap(helper["state"].fixed)
-        state = helper["state"]
+        state, board = helper["state"], helper["board"]
         for index in indices:
-            assert files.claim(index)
-            values = files.read_values(index)
+            assert board.claim(index, 60)
+            values = board.read_values(index)
             done = run_trial(state.modules, state.group_of, helper["evaluator"], values)
             done.worker = {**done.worker, "ran_by": "helper"}
-            files.write_result(index, done)
+            assert board.write_result(index, done) and board.release(index)
 
     fanout = TrialFanout(settings, send, "job1", "host:1:abc")
     got, log, _ = single_worker_run(family, handle, tmp_path / "fanned", trials=fanout)
@@ -584,17 +705,18 @@ def test_trials_from_the_stored_state_equal_a_single_worker_run(
     ran_by = [log.trials[i]["worker"].get("ran_by") for i in range(TRIALS)]
     assert ran_by == [None, "helper"] * (TRIALS // BATCH)
     assert not (settings.artifacts_root / tune_prefix("job1")).exists()
+    assert job_keys(redis_url) == []
 
 
 def test_trial_files_that_cannot_be_stored_leave_the_trials_to_the_parent(
-    tmp_path: Path, family: Family
+    tmp_path: Path, family: Family, redis_url: str
 ) -> None:
     """The tune folder cannot be written (here a file stands where it goes; in production
     a full disk): the job still tunes and publishes, every trial run by its own worker."""
     settings = Settings(
         data_dir=tmp_path / "data",
         allowed_local_dirs=[family.root],
-        broker_url="redis://127.0.0.1:9/0",  # never contacted: nothing is sent
+        broker_url=redis_url,  # up: what fails is the folder
     )
     store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     store.migrate()
@@ -619,6 +741,7 @@ def test_trial_files_that_cannot_be_stored_leave_the_trials_to_the_parent(
     assert done is not None and sorted(log.trials) == list(range(TRIALS))
     assert sent == [] and "trials_not_split" in log.kinds and "trials_split" not in log.kinds
     assert blocked.read_text() == "not a folder"
+    assert job_keys(redis_url) == []  # the board was never opened
 
 
 # --------------------------------------------------------------------------- real workers
@@ -689,12 +812,20 @@ def test_batch_trials_run_on_both_workers_and_match_one_worker(world: World) -> 
     assert svc.attempts(job_id) == 1
 
 
-def claimant(marker: Path) -> int | None:
-    """The pid in a trial's started marker (None while it is being written)."""
-    try:
-        return int(json.loads(marker.read_text())["pid"])
-    except (FileNotFoundError, ValueError, KeyError):
-        return None
+def claims(url: str, job_id: str) -> dict[int, int]:
+    """The job's live trial claims: trial index -> the claimant's pid (its token's)."""
+    client = redis.Redis.from_url(url)
+    held = {}
+    for key in client.scan_iter(match=f"crucible:tune:{job_id}:*:claim:*"):
+        token = client.get(key)
+        if token is not None:
+            held[int(key.rsplit(b":", 1)[1])] = int(token.split(b":")[0])
+    return held
+
+
+def has_result(url: str, job_id: str, index: int) -> bool:
+    pattern = f"crucible:tune:{job_id}:*:out:{index}"
+    return any(True for _ in redis.Redis.from_url(url).scan_iter(match=pattern))
 
 
 def parent_pid(pid: int) -> int:
@@ -712,32 +843,29 @@ def test_a_killed_workers_trial_is_taken_over_by_the_parent(
     with faults.service(tmp_path, postgres, family.root, workers=2, **lease) as svc:
         client = svc.client(180)
         job_id = submit(client, spec_of(family, upload(client, family)))
-        tune = svc.artifacts / "jobs" / job_id / "tune"
+        url = svc.redis.url
 
-        def held_elsewhere() -> tuple[Path, int, int] | None:
+        def held_elsewhere() -> tuple[int, int, int] | None:
             """A claim by another process than the parent's (trial 0 is always the
-            parent's), its trial not finished."""
-            parent = claimant(next(iter(tune.glob("*/trial-0.started")), tune / "none"))
+            parent's, held while the board is), its trial not finished."""
+            held = claims(url, job_id)
+            parent = held.get(0)
             if parent is None:
                 return None
-            for marker in tune.glob("*/trial-*.started"):
-                pid = claimant(marker)
-                done = marker.with_name(marker.name.replace(".started", ".json"))
-                if pid is not None and pid != parent and not done.exists():
-                    return marker, pid, parent
+            for index, pid in held.items():
+                if pid != parent and not has_result(url, job_id, index):
+                    return index, pid, parent
             return None
 
-        marker, pid, parent = wait_until(held_elsewhere, 300, "a trial on the other worker", 0.02)
+        index, pid, parent = wait_until(held_elsewhere, 300, "a trial on the other worker", 0.02)
         victim = svc.worker_pids()[parent_pid(pid)]
         svc.procs.kill(victim)
-        index = int(marker.name.split("-")[1].split(".")[0])
         # Killed mid-trial: no result came, and none can come from the dead process.
-        result = marker.with_name(f"trial-{index}.json")
-        assert not result.exists()
+        assert not has_result(url, job_id, index)
 
         def taken_over() -> bool:
             status = client.request("GET", f"/v1/merges/{job_id}").json()["status"]
-            return result.exists() or status not in ("queued", "running")
+            return has_result(url, job_id, index) or status not in ("queued", "running")
 
         # Once the parent has run the trial itself, a replacement worker helps with the
         # later batches (alone, the parent would wait out each batch's claim wait).
@@ -751,3 +879,71 @@ def test_a_killed_workers_trial_is_taken_over_by_the_parent(
         hashes, _ = output_of(svc.artifacts / "jobs" / job_id / "output")
         assert hashes == world.reference.output[0]
         assert svc.attempts(job_id) == 1
+        assert claims(url, job_id) == {} and not job_keys(url, job_id)
+
+
+BUCKET = "artifacts"
+PREFIX = "crucible"
+
+
+def start_worker_with(svc: faults.Service, name: str, env: dict[str, str]) -> None:
+    """A worker whose settings differ from the service's by `env` (another machine's)."""
+    shared = svc.procs.env
+    svc.procs.env = {**shared, **env}
+    try:
+        svc.procs.start_worker(name)
+    finally:
+        svc.procs.env = shared
+
+
+def download(server: S3Server, prefix: str, dest: Path, skip: str) -> None:
+    for key in server.keys(BUCKET, prefix):
+        name = key.removeprefix(prefix)
+        if name != skip:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(server.read(BUCKET, key))
+
+
+@pytest.mark.e2e
+def test_workers_with_their_own_folders_share_the_trials_through_s3(
+    tmp_path: Path, postgres: OwnPostgres, family: Family, world: World
+) -> None:
+    """Two workers as on two machines: each its own local artifact folder, one S3 store
+    (s3rver) and one Redis. The batches' trials run on both (the other worker fetches the
+    factorizations from S3), trials and output equal a single-worker run's, and nothing
+    of the fan-out is left: no board key, no object under the job's tune prefix, no local
+    tune folder on either worker."""
+    from crucible.publish.s3_sink import MANIFEST as OUTPUT_MANIFEST
+
+    with s3_server(tmp_path / "s3", (BUCKET,)) as server:
+        env = {**server.env(), "CRUCIBLE_ARTIFACTS_URI": f"s3://{BUCKET}/{PREFIX}", **CLAIM_WAIT}
+        with faults.service(tmp_path / "svc", postgres, family.root, workers=0, **env) as svc:
+            folders = {}
+            for i in range(2):
+                name = f"worker-{i}"
+                folders[name] = tmp_path / name / "artifacts"
+                own = {
+                    "CRUCIBLE_DATA_DIR": str(tmp_path / name),
+                    "CRUCIBLE_ARTIFACTS_DIR": str(folders[name]),
+                }
+                start_worker_with(svc, name, own)
+            client = svc.client(180)
+            job_id = submit(client, spec_of(family, upload(client, family)))
+            job = client.wait(job_id, timeout=600)
+            assert job["status"] == "succeeded", job
+            assert [e["kind"] for e in job["events"]].count("trials_split") == 1
+            items = client.request("GET", f"/v1/merges/{job_id}/trials").json()["items"]
+            assert [(t["params"], t["objective"]) for t in items] == world.reference.trials
+            pids = svc.worker_pids()
+            ran_on = {pids[t["worker"]["worker_pid"]] for t in items}
+            assert ran_on == {"worker-0", "worker-1"}, [t["worker"] for t in items]
+            # The output, as stored in S3, is a single run's.
+            out = tmp_path / "output"
+            download(server, f"{PREFIX}/jobs/{job_id}/output/", out, OUTPUT_MANIFEST)
+            assert output_of(out) == world.reference.output
+            assert svc.attempts(job_id) == 1
+            # Nothing of the fan-out is left.
+            assert job_keys(svc.redis.url) == []
+            assert server.keys(BUCKET, f"{PREFIX}/{tune_prefix(job_id)}/") == []
+            for folder in folders.values():
+                assert not (folder / tune_prefix(job_id)).exists()

@@ -1,40 +1,43 @@
-"""Scale-out of a tuning batch: with `tuning.batch` >= `trial_fanout_min_batch`, the trials
-of one BO batch run on several workers ("the parent helps").
+"""Scale-out of a tuning batch: with `tuning.batch` >= `trial_fanout_min_batch` and a Redis
+broker, the trials of one BO batch run on several workers ("the parent helps"), on one
+machine or many.
 
 1. The job's worker (the parent) writes every module's factorization and bmm's fixed
-   tensors once under `jobs/<id>/tune/<attempt>/` in the local artifact folder
-   (safetensors per module, then manifest.json last: a reader that finds it finds the
-   rest). `<attempt>` is a hash of the parent's owner name, so a requeued job never reads
-   an earlier attempt's files (the new parent removes them).
-2. Per batch of b trials the parent writes each trial's values (`trial-<i>.in.json`),
-   sends b-1 `crucible.tune_trial` tasks (the batch's trials but its first), and runs the
-   batch itself in index order, skipping a trial whose result exists or that another
-   worker has claimed (`trial-<i>.started`, created exclusively, its mtime renewed by the
-   claimant every `heartbeat_seconds`); then it waits (checking cancel and lease) for the
-   trials other workers hold, and takes over one whose marker went `lease_seconds`
-   without renewal (its worker died). It never waits on a task that has not started, so
-   one worker at concurrency 1 simply runs every trial itself, and the tasks it sent exit
-   as no-ops later: no deadlock, and no chord.
+   tensors once under `jobs/<id>/tune/<attempt>/` in its local artifact folder
+   (safetensors per module, then manifest.json), puts that folder in the artifact store
+   (manifest last; with the local store a no-op), and then opens the attempt's board: the
+   Redis keys `crucible:tune:<id>:<attempt>:*` (crucible.tune.scratch), each with a TTL of
+   a day. `<attempt>` is a hash of the parent's owner name, so a requeued job never reads
+   an earlier attempt's state (the new parent removes it). Every write to the board checks
+   its open flag in the same Lua call, so a removed board stays removed.
+2. Per batch of b trials the parent puts each trial's values on the board, sends b-1
+   `crucible.tune_trial` tasks (the batch's trials but its first), and runs the batch
+   itself in index order, skipping a trial that has a result or that another worker
+   holds: a claim is a key set NX with a lease (`lease_seconds`) its holder renews every
+   `heartbeat_seconds` (compare-and-pexpire: a worker that lost its claim cannot renew
+   another's), so the claim of a worker that died expires and the trial is claimed again
+   at once. A sent trial nobody has claimed yet (a "claimed once" key tells that from an
+   expired claim) is left to the others for `trial_claim_wait_seconds`. Then the parent
+   waits (checking cancel and lease) for the trials other workers hold. It never waits
+   on a task that has not started, so one worker at concurrency 1 simply runs every
+   trial itself, and the tasks it sent exit as no-ops later: no deadlock, and no chord.
 3. A trial task (`trial_work`, run by runner.execute_owned under the parent's owner name,
    so a job no longer running under it is left alone) claims its trial, builds the
-   evaluator and loads the stored modules (once per process and job attempt: later trials
-   of the job reuse them; any other task in the process frees them), runs
-   crucible.tune.trial.run_trial, the parent's own code, and writes `trial-<i>.json`
-   (temp file, then rename). A task that fails gives its claim back (event
-   `trial_released`) and the parent runs the trial: an error that is the trial's own then
-   fails the job there, as in one worker.
-4. The parent records the trials in index order as in one worker; its folder is removed
-   when the tune stage ends, however it ends, and the job's tune folder (every attempt's)
-   when the job ends (crucible.tune.scratch, from runner.on_terminal).
-
-Workers must share the local artifact folder (one machine or a shared volume): with a
-remote artifact store (CRUCIBLE_ARTIFACTS_URI) the fan-out is off.
+   evaluator and loads the stored modules (from the store: a worker on another machine
+   fetches them into a private folder of its own cache, removed once loaded; once per
+   process and board: later trials of the job reuse them; any other task in the process
+   frees them), runs crucible.tune.trial.run_trial, the parent's own code, and puts the
+   result on the board. A task that fails gives its claim back (event `trial_released`)
+   and the parent runs the trial: an error that is the trial's own then fails the job
+   there, as in one worker.
+4. The parent records the trials in index order as in one worker; its board, stored
+   state and folder are removed when the tune stage ends, however it ends, and every
+   attempt's when the job ends (crucible.tune.scratch, from runner.on_terminal).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -44,24 +47,37 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from redis.exceptions import RedisError
 from safetensors.torch import load_file, save_file
 
-from crucible.artifacts import artifact_store
+from crucible.artifacts import ArtifactStore, artifact_store, put_folder
 from crucible.errors import CrucibleError, JobCancelled
 from crucible.lease import LeaseLost
 from crucible.settings import Settings
 from crucible.split import chord_backend
 from crucible.stats.cache import worker_record
 from crucible.tune.factorized import FactorizedModule, module_from_state
-from crucible.tune.scratch import remove_tune_files, tune_prefix
+from crucible.tune.scratch import (
+    BOARD_TTL_SECONDS,
+    OPEN,
+    attempt_key,
+    attempt_prefix,
+    board_namespace,
+    redis_client,
+    remove_attempts,
+    remove_tune_files,
+)
 from crucible.tune.space import GroupValues
 from crucible.tune.trial import TrialResult, run_trial
 
 if TYPE_CHECKING:
+    import redis
+
     from crucible.evaluate.base import Evaluator
     from crucible.runner import OwnedWork, StoreReporter
     from crucible.spec import Job, MergeSpec
@@ -74,15 +90,15 @@ MANIFEST = "manifest.json"
 FIXED_FILE = "fixed.safetensors"
 # How often the parent looks for results while other workers run its trials.
 POLL_SECONDS = 0.05
+BOARD_REMOVED = "the tuning batch's trial board was removed"
 
 # (job id, owner, trial indices) -> sends one trial task per index.
 SendTrials = Callable[[str, str, list[int]], None]
 
 
 def attempt_folder(settings: Settings, job_id: str, owner: str) -> Path:
-    """This attempt's folder (an owner name holds ':' and a host name; its hash does not)."""
-    key = hashlib.sha256(owner.encode()).hexdigest()[:16]
-    return artifact_store(settings).local_path(f"{tune_prefix(job_id)}/{key}")
+    """This attempt's folder in the local artifact folder (the parent's copy of its state)."""
+    return artifact_store(settings).local_path(attempt_prefix(job_id, attempt_key(owner)))
 
 
 def fanout_enabled(settings: Settings, batch: int) -> bool:
@@ -90,12 +106,12 @@ def fanout_enabled(settings: Settings, batch: int) -> bool:
     return (
         minimum >= 1
         and batch >= minimum
-        and chord_backend(settings) is not None  # a Redis broker: real workers to send to
-        and not settings.artifacts_uri
+        # A Redis broker: real workers to send to, and the board's Redis.
+        and chord_backend(settings) is not None
     )
 
 
-# --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- state
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -103,6 +119,10 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
+
+
+def _module_file(index: int) -> str:
+    return f"m{index}.safetensors"
 
 
 def save_state(
@@ -117,9 +137,7 @@ def save_state(
     entries = []
     for i, module in enumerate(modules):
         tensors, meta = module.state()
-        save_file(
-            {k: t.contiguous() for k, t in tensors.items()}, str(folder / f"m{i}.safetensors")
-        )
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(folder / _module_file(i)))
         entries.append({**meta, "group": group_of[module.name]})
     save_file({k: t.contiguous() for k, t in fixed.items()}, str(folder / FIXED_FILE))
     _write_json(folder / MANIFEST, {"modules": entries})
@@ -137,80 +155,178 @@ def load_state(folder: Path, device: torch.device | str) -> StoredState:
     modules = []
     group_of = {}
     for i, meta in enumerate(manifest["modules"]):
-        tensors = load_file(str(folder / f"m{i}.safetensors"))
+        tensors = load_file(str(folder / _module_file(i)))
         modules.append(module_from_state(tensors, meta, device))
         group_of[meta["name"]] = meta["group"]
     return StoredState(modules, load_file(str(folder / FIXED_FILE)), group_of)
 
 
-class TrialFiles:
-    """One attempt's trial files: values in, started markers, results out."""
+def fetch_state(store: ArtifactStore, prefix: str, device: torch.device | str) -> StoredState:
+    """The state stored under `prefix`, manifest first. From a local store, its own files
+    (get_file has nothing to do); from a remote one, through a folder of this process's
+    own in the local cache (two processes of one machine never share it), removed once
+    loaded."""
+    local = store.local_path(prefix)
+    folder = local
+    if store.remote:
+        folder = local.parent / f".fetch-{local.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+        def get(name: str) -> None:
+            if not store.get_file(f"{prefix}/{name}", folder / name):
+                raise CrucibleError("internal", f"the stored tuning state lacks {name}")
 
-    def ready(self) -> bool:
-        return (self.folder / MANIFEST).is_file()
+        get(MANIFEST)
+        count = len(json.loads((folder / MANIFEST).read_text())["modules"])
+        for name in [*(_module_file(i) for i in range(count)), FIXED_FILE]:
+            get(name)
+        return load_state(folder, device)
+    finally:
+        if folder != local:
+            shutil.rmtree(folder, ignore_errors=True)
+            # The job's folders this fetch made in a cache that holds nothing else of it.
+            for made in (local.parent, local.parent.parent):
+                with contextlib.suppress(OSError):
+                    made.rmdir()
 
-    def _path(self, index: int, suffix: str) -> Path:
-        return self.folder / f"trial-{index}{suffix}"
 
-    def write_values(self, index: int, values: GroupValues) -> None:
-        _write_json(self._path(index, ".in.json"), values)
+# --------------------------------------------------------------------------- the board
+
+# Every write checks the board's open flag (KEYS[1]) in the same call: once the board is
+# removed (open flag first, crucible.tune.scratch.delete_board) nothing recreates a key.
+_PUT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: open flag, claim, claimed-once marker; ARGV: token, lease ms, TTL ms.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+return 1
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class TrialBoard:
+    """One attempt's trials in Redis: values in, claims, results out, and the open flag
+    (its value names this opening, so a process's cached state never outlives it). Each
+    instance is one claimant (its token: pid and a random part)."""
+
+    def __init__(
+        self, client: redis.Redis, job_id: str, attempt: str, ttl_seconds: float = BOARD_TTL_SECONDS
+    ) -> None:
+        self.client = client
+        self.namespace = board_namespace(job_id, attempt)
+        self.ttl_seconds = ttl_seconds
+        self.token = f"{os.getpid()}:{uuid.uuid4().hex}"
+        self._put = client.register_script(_PUT)
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def key(self, name: str) -> str:
+        return self.namespace + name
+
+    # The open flag: set once the state is stored, renewed per batch, removed first.
+
+    def open(self) -> str:
+        generation = uuid.uuid4().hex
+        self.client.set(self.key(OPEN), generation, px=_ms(self.ttl_seconds))
+        return generation
+
+    def keep_open(self) -> bool:
+        return bool(self.client.pexpire(self.key(OPEN), _ms(self.ttl_seconds)))
+
+    def generation(self) -> str | None:
+        value = self.client.get(self.key(OPEN))
+        return None if value is None else bytes(value).decode()
+
+    def is_open(self) -> bool:
+        return bool(self.client.exists(self.key(OPEN)))
+
+    # Values and results.
+
+    def _set(self, name: str, data: Any) -> bool:
+        args = [json.dumps(data), _ms(self.ttl_seconds)]
+        return bool(self._put(keys=[self.key(OPEN), self.key(name)], args=args))
+
+    def _get(self, name: str) -> Any:
+        value = self.client.get(self.key(name))
+        return None if value is None else json.loads(value)
+
+    def write_values(self, index: int, values: GroupValues) -> bool:
+        return self._set(f"in:{index}", values)
 
     def read_values(self, index: int) -> GroupValues:
-        data: GroupValues = json.loads(self._path(index, ".in.json").read_text())
-        return data
+        values: GroupValues | None = self._get(f"in:{index}")
+        if values is None:
+            raise CrucibleError("internal", f"trial {index} has no values on the board")
+        return values
 
-    def write_result(self, index: int, result: TrialResult) -> None:
-        _write_json(self._path(index, ".json"), result.as_dict())
+    def write_result(self, index: int, result: TrialResult) -> bool:
+        return self._set(f"out:{index}", result.as_dict())
 
     def read_result(self, index: int) -> TrialResult | None:
-        try:
-            return TrialResult.from_dict(json.loads(self._path(index, ".json").read_text()))
-        except FileNotFoundError:
-            return None
+        data = self._get(f"out:{index}")
+        return None if data is None else TrialResult.from_dict(data)
 
-    def started(self, index: int) -> Path:
-        return self._path(index, ".started")
+    # Claims.
 
-    def claim(self, index: int, stale_seconds: float | None = None) -> bool:
-        """Take trial `index` (create its marker exclusively); with `stale_seconds`, also a
-        marker nobody renewed for that long (its worker died): renamed away first, which
-        only one claimant can do."""
-        marker = self.started(index)
-        if stale_seconds is not None:
-            try:
-                age = time.time() - marker.stat().st_mtime
-            except FileNotFoundError:
-                age = 0.0
-            if age > stale_seconds:
-                aside = marker.with_name(f".{marker.name}.{uuid.uuid4().hex[:8]}.stale")
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(marker, aside)
-                    aside.unlink()
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except (FileExistsError, FileNotFoundError):
-            # FileNotFoundError: the folder is gone, the attempt's tuning over (a task that
-            # found it a moment ago must not fail the job for that).
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"pid": os.getpid()}))
-        return True
+    def claim(self, index: int, lease_seconds: float) -> bool:
+        """Take trial `index` unless someone holds it (a claim not renewed within its lease
+        is gone: its holder died) or the board is gone."""
+        keys = [self.key(OPEN), self.key(f"claim:{index}"), self.key(f"claimed:{index}")]
+        args = [self.token, _ms(lease_seconds), _ms(self.ttl_seconds)]
+        return bool(self._claim(keys=keys, args=args))
+
+    def claimed_once(self, index: int) -> bool:
+        """Whether anyone ever claimed trial `index` (its claim may have expired since)."""
+        return bool(self.client.exists(self.key(f"claimed:{index}")))
+
+    def claimant(self, index: int) -> str | None:
+        """The token of trial `index`'s live claim."""
+        value = self.client.get(self.key(f"claim:{index}"))
+        return None if value is None else bytes(value).decode()
+
+    def renew(self, index: int, lease_seconds: float) -> bool:
+        """Extend this claimant's claim; False if the claim is no longer its own."""
+        keys = [self.key(f"claim:{index}")]
+        return bool(self._renew(keys=keys, args=[self.token, _ms(lease_seconds)]))
+
+    def release(self, index: int) -> bool:
+        """Give this claimant's claim back (another's is left alone)."""
+        return bool(self._release(keys=[self.key(f"claim:{index}")], args=[self.token]))
 
     @contextlib.contextmanager
-    def heartbeat(self, index: int, every: float) -> Iterator[None]:
-        """Renew trial `index`'s marker every `every` seconds while the block runs."""
+    def heartbeat(self, index: int, every: float, lease_seconds: float) -> Iterator[None]:
+        """Renew trial `index`'s claim every `every` seconds while the block runs."""
         stop = threading.Event()
-        marker = self.started(index)
 
         def beat() -> None:
             while not stop.wait(every):
-                # Any error (a shared volume's ESTALE or EIO) only misses this renewal: a
-                # thread that ended on it would let the parent take over a live trial.
-                with contextlib.suppress(OSError):
-                    os.utime(marker)
+                try:
+                    if not self.renew(index, lease_seconds):
+                        log.warning("trial %d: its claim was lost (not renewed in time)", index)
+                        return
+                except Exception:
+                    # Redis unreachable for a moment: only this renewal is missed; a thread
+                    # that ended on it would let the parent take over a live trial.
+                    log.warning("trial %d: claim not renewed", index, exc_info=True)
 
         thread = threading.Thread(target=beat, name=f"trial-{index}-heartbeat", daemon=True)
         thread.start()
@@ -222,11 +338,10 @@ class TrialFiles:
 
 
 def schedule(
-    files: TrialFiles,
+    board: TrialBoard,
     indices: Sequence[int],
     run_local: Callable[[int], TrialResult],
     check_cancelled: Callable[[], None],
-    stale_seconds: float,
     poll_seconds: float = POLL_SECONDS,
     sent: Collection[int] = (),
     claim_wait_seconds: float = 0.0,
@@ -234,32 +349,33 @@ def schedule(
     """The parent's side of one batch: every trial in `indices` that has no result and no
     live claimant runs here, in index order; then wait for the others' results. A trial
     in `sent` (a task went out for it) is left to the other workers until
-    `claim_wait_seconds` after the batch started; unclaimed by then, it runs here."""
+    `claim_wait_seconds` after the batch started, unless someone claimed it once (a claim
+    that expired since is taken over at once); unclaimed by then, it runs here."""
     results: dict[int, TrialResult] = {}
     others_until = time.monotonic() + claim_wait_seconds
     while True:
         for index in indices:
             if index in results:
                 continue
-            done = files.read_result(index)
+            done = board.read_result(index)
             if done is not None:
                 results[index] = done
             elif (
-                index in sent
-                and time.monotonic() < others_until
-                and not files.started(index).exists()
+                index in sent and time.monotonic() < others_until and not board.claimed_once(index)
             ):
-                continue  # unclaimed: still the other workers' (a stale claim is taken over)
-            elif files.claim(index, stale_seconds):
+                continue  # unclaimed: still the other workers'
+            elif board.claim(index, board.ttl_seconds):
+                # The parent's claim lasts as long as the board: were the parent to die,
+                # the job's next attempt has a board of its own.
                 results[index] = run_local(index)
-                files.write_result(index, results[index])
+                board.write_result(index, results[index])
         if len(results) == len(indices):
             return [results[i] for i in indices]
         check_cancelled()
-        if not files.folder.is_dir():
-            # Removed under us (a trial task that ended the job removes them): waiting would
+        if not board.is_open():
+            # Removed under us (a trial task that ended the job removes it): waiting would
             # never end.
-            raise CrucibleError("internal", "the tuning batch's trial files were removed")
+            raise CrucibleError("internal", BOARD_REMOVED)
         time.sleep(poll_seconds)
 
 
@@ -275,7 +391,17 @@ class TrialFanout:
         self._send = send
         self._job_id = job_id
         self._owner = owner
-        self.files = TrialFiles(attempt_folder(settings, job_id, owner))
+        self.attempt = attempt_key(owner)
+        self.prefix = attempt_prefix(job_id, self.attempt)
+        self.store = artifact_store(settings)
+        self.folder = self.store.local_path(self.prefix)
+
+    @cached_property
+    def board(self) -> TrialBoard:
+        client = redis_client(self._settings)
+        if client is None:
+            raise CrucibleError("internal", "the trial fan-out needs a Redis broker")
+        return TrialBoard(client, self._job_id, self.attempt)
 
     def enabled(self, batch: int) -> bool:
         return fanout_enabled(self._settings, batch)
@@ -286,14 +412,14 @@ class TrialFanout:
         fixed: Mapping[str, torch.Tensor],
         group_of: Mapping[str, str],
     ) -> None:
-        """Store the factorizations; an earlier attempt's folder goes first, and so does
-        this owner's own (a chord callback delivered again runs the stage again under the
-        same owner name: its earlier run's claims would hold trials nobody runs)."""
-        parent = self.files.folder.parent
-        if parent.is_dir():
-            for other in parent.iterdir():
-                shutil.rmtree(other, ignore_errors=True)
-        save_state(self.files.folder, modules, fixed, group_of)
+        """Store the factorizations, then open the board. Every earlier run's state goes
+        first, this owner's own too (a chord callback delivered again runs the stage again
+        under the same owner name: its earlier run's claims would hold trials nobody
+        runs)."""
+        remove_tune_files(self._settings, self._job_id)
+        save_state(self.folder, modules, fixed, group_of)
+        put_folder(self.store, self.folder, self.prefix, last=MANIFEST)
+        self.board.open()
 
     def run_batch(
         self,
@@ -302,9 +428,12 @@ class TrialFanout:
         run_local: Callable[[int], TrialResult],
         check_cancelled: Callable[[], None],
     ) -> list[TrialResult]:
+        board = self.board
         indices = list(range(first, first + len(batch)))
-        for index, values in zip(indices, batch, strict=True):
-            self.files.write_values(index, values)
+        if not board.keep_open() or not all(
+            board.write_values(index, values) for index, values in zip(indices, batch, strict=True)
+        ):
+            raise CrucibleError("internal", BOARD_REMOVED)
         sent: list[int] = []
         if len(indices) > 1:
             try:
@@ -314,21 +443,20 @@ class TrialFanout:
                 # The broker is down: nobody else will help, and the parent runs them all.
                 log.warning("job %s: trial tasks not sent", self._job_id, exc_info=True)
         return schedule(
-            self.files,
+            board,
             indices,
             run_local,
             check_cancelled,
-            self._settings.lease_seconds,
             sent=sent,
             claim_wait_seconds=self._settings.trial_claim_wait_seconds,
         )
 
     def close(self) -> None:
-        """This attempt's folder (only: a parent that lost its lease must leave the next
-        attempt's alone), and the job's tune folder once empty."""
-        shutil.rmtree(self.files.folder, ignore_errors=True)
+        """This attempt's board, stored state and folder (only: a parent that lost its
+        lease must leave the next attempt's alone), and the job's tune folder once empty."""
+        remove_attempts(self._settings, self._job_id, self.attempt)
         with contextlib.suppress(OSError):
-            self.files.folder.parent.rmdir()
+            self.folder.parent.rmdir()
 
 
 def fanout_for(settings: Settings, send: SendTrials) -> Callable[[str, str], TrialFanout]:
@@ -341,13 +469,13 @@ def fanout_for(settings: Settings, send: SendTrials) -> Callable[[str, str], Tri
 
 @dataclass
 class _Loaded:
-    key: tuple[str, Path]
+    key: tuple[str, str, str]
     evaluator: Evaluator
     state: StoredState
 
 
-# The last job attempt's evaluator and modules in this process: a job's later trials on
-# this worker do not load them again. One entry: a new job's trial frees the previous.
+# The last board's evaluator and modules in this process: a job's later trials on this
+# worker do not load them again. One entry: a new job's trial frees the previous.
 _LOADED: list[_Loaded] = []
 
 
@@ -363,13 +491,14 @@ def free_loaded(task_name: str | None) -> None:
 def _load(
     job: Job,
     spec: MergeSpec,
-    folder: Path,
+    prefix: str,
+    generation: str,
     store: JobStore,
     settings: Settings,
     reporter: StoreReporter,
     hub_token: str | None,
 ) -> _Loaded:
-    key = (job.id, folder)
+    key = (job.id, prefix, generation)
     if _LOADED and _LOADED[0].key == key:
         return _LOADED[0]
     _LOADED.clear()
@@ -383,7 +512,7 @@ def _load(
     datasets = _datasets(spec, job_datasets(store, settings, job.id, spec))
     device = compute_device(settings.device)
     evaluator = tuning_evaluator(spec, inputs, datasets, device)
-    state = load_state(folder, device)
+    state = fetch_state(artifact_store(settings), prefix, device)
     evaluator.swapper.swap(state.fixed)
     state.fixed = {}
     _LOADED.append(_Loaded(key, evaluator, state))
@@ -395,23 +524,36 @@ def trial_work(index: int, owner: str, store: JobStore, settings: Settings) -> O
 
     def work(job: Job, spec: MergeSpec, reporter: StoreReporter, hub_token: str | None) -> None:
         reporter.check_cancelled()
-        files = TrialFiles(attempt_folder(settings, job.id, owner))
-        if not files.ready():
-            _LOADED.clear()  # the attempt's tuning is over: free its modules
+        client = redis_client(settings)
+        if client is None:
             return None
-        if files.read_result(index) is not None:
-            return None
-        if not files.claim(index):  # the parent, or another task, has it
+        attempt = attempt_key(owner)
+        board = TrialBoard(client, job.id, attempt)
+        try:
+            generation = board.generation()
+            if generation is None:
+                _LOADED.clear()  # the attempt's tuning is over: free its modules
+                return None
+            if board.read_result(index) is not None:
+                return None
+            if not board.claim(index, settings.lease_seconds):
+                return None  # the parent, or another task, has it; or the board just went
+        except RedisError:
+            # Not the job's failure: the parent runs the trial once nobody claims it.
+            log.warning("job %s: trial %d left to the job's worker", job.id, index, exc_info=True)
             return None
         try:
-            with files.heartbeat(index, settings.heartbeat_seconds):
-                loaded = _load(job, spec, files.folder, store, settings, reporter, hub_token)
-                values = files.read_values(index)
+            with board.heartbeat(index, settings.heartbeat_seconds, settings.lease_seconds):
+                prefix = attempt_prefix(job.id, attempt)
+                loaded = _load(job, spec, prefix, generation, store, settings, reporter, hub_token)
+                values = board.read_values(index)
                 reporter.check_cancelled()
                 result = run_trial(
                     loaded.state.modules, loaded.state.group_of, loaded.evaluator, values
                 )
-                files.write_result(index, result)
+                board.write_result(index, result)
+            with contextlib.suppress(RedisError):
+                board.release(index)  # else it expires within the lease
         except (JobCancelled, LeaseLost):
             raise
         except Exception as exc:
@@ -425,7 +567,8 @@ def trial_work(index: int, owner: str, store: JobStore, settings: Settings) -> O
                 exc_info=True,
             )
             _LOADED.clear()
-            files.started(index).unlink(missing_ok=True)
+            with contextlib.suppress(RedisError):
+                board.release(index)
             reporter.event(
                 "trial_released",
                 f"trial {index} failed on another worker ({type(exc).__name__}: {exc}); "
