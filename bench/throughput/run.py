@@ -5,7 +5,8 @@
 Inputs: base + 4 Llama-shaped experts from gen.py (generated once into the cache). For
 each cache state (warm, cold) and run, interleaved so machine noise hits every tool alike:
 
-- floor: read every input file once (16 MiB reads) and write the output's size, fsynced;
+- floor: read every input file once (16 MiB reads; cold: with O_DIRECT, the disk's own
+  speed, as Crucible reads uncached ranges) and write the output's size, fsynced;
 - crucible: `crucible merge <spec> --out ...` in a child process;
 - mergekit: `mergekit-yaml <config> <out> --lazy-unpickle --device cpu` in a child process
   (same output dtype and shard size, --no-copy-tokenizer: the synthetic base has none);
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -161,22 +163,35 @@ def drop_cache(files: list[Path]) -> str:
         return "fadvise"
 
 
-def read_all(files: list[Path]) -> int:
-    buf = bytearray(CHUNK)
+def read_all(files: list[Path], direct: bool = False) -> int:
+    """Read every file once in CHUNK reads; `direct`: with O_DIRECT into a page-aligned
+    buffer (bypassing the page cache, as a cold merge reads; buffered where refused)."""
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
     view = memoryview(buf)
     total = 0
     for f in files:
-        with f.open("rb", buffering=0) as fh:
-            while n := fh.readinto(view):
-                total += n
+        try:
+            fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        except OSError:
+            fd = os.open(f, os.O_RDONLY)
+        try:
+            offset = 0
+            while n := os.preadv(fd, [view], offset):
+                offset += n
+            total += offset
+        finally:
+            os.close(fd)
+    view.release()
+    buf.close()
     return total
 
 
-def floor(files: list[Path], out_bytes: int, out: Path) -> Measure:
-    """dd-style: read every input once, write `out_bytes` to `out` and fsync it."""
+def floor(files: list[Path], out_bytes: int, out: Path, direct: bool = False) -> Measure:
+    """dd-style: read every input once (`direct`: O_DIRECT, the disk's own speed, for a
+    cold cache; buffered from a warm one), write `out_bytes` to `out` and fsync it."""
     os.sync()
     start, cpu0 = time.perf_counter(), time.process_time()
-    read_all(files)
+    read_all(files, direct)
     block = bytes(CHUNK)
     with out.open("wb", buffering=0) as fh:
         left = out_bytes
@@ -320,7 +335,7 @@ def main() -> None:
             if "floor" in args.tools:
                 if cache == "cold":
                     evict_how = drop_cache(files)
-                m = floor(files, out_bytes, work / "floor.bin")
+                m = floor(files, out_bytes, work / "floor.bin", direct=cache == "cold")
                 rows.setdefault(("floor", "-", cache), Row("floor", "-", cache)).runs.append(m)
                 print(f"[{cache} {run + 1}] floor {m.wall:.2f} s", file=sys.stderr, flush=True)
             for method in args.methods:
