@@ -33,7 +33,7 @@ from crucible.settings import Settings
 from crucible.spec import Job, MergeSpec
 from crucible.store import JobStore
 from crucible.tenant_limits import admit_input_bytes
-from crucible.tune.scratch import remove_tune_files
+from crucible.tune.scratch import may_have_tune_files, remove_tune_files
 from crucible.webhooks import deliver
 
 if TYPE_CHECKING:
@@ -172,7 +172,8 @@ def on_terminal(store: JobStore, job_id: str, settings: Settings) -> None:
         log.info("job %s ended %s", job_id, status)
         # Whatever attempt wrote them: a job requeued mid-tuning and then failed or
         # cancelled before its next attempt tuned would keep them (a model's size) forever.
-        remove_tune_files(settings, job_id)
+        if job is not None and may_have_tune_files(settings, job.spec):
+            remove_tune_files(settings, job_id)
         if job is not None:
             # Inline: the job is already recorded; retries wait here, not in the API.
             deliver(store, job_id, settings)

@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     # A tuned job whose tuning.batch is at least this runs each BO batch's trials on any
     # free worker, its own worker helping (crucible.tune.trials); Redis broker only (the
     # trials' board is in its Redis; the factorizations go through the artifact store, so
-    # workers on other machines help too). 0: never.
+    # workers on other machines help too when they share it: S3, or one shared folder).
+    # 0: never.
     trial_fanout_min_batch: int = Field(default=2, ge=0)
     # How long after a batch starts its sent trials are left for other workers to claim
     # before the job's worker runs them itself: an idle worker claims in milliseconds, one

@@ -1,4 +1,5 @@
-"""Promises of the layout: the API process never loads torch; openapi.json is current."""
+"""Promises of the layout: the API process (and the reaper) never loads torch; openapi.json
+is current."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def test_importing_the_api_does_not_load_torch() -> None:
         "import service.app, service.openapi_doc\n"
         "service.openapi_doc.render_openapi()\n"
         "import crucible.spec, crucible.queue, crucible.store\n"
+        # The reaper and the runner's on_terminal, which removes a job's tune state.
+        "import crucible.reaper, crucible.tune.scratch\n"
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not loaded, loaded[:5]\n"
         "print('ok')\n"

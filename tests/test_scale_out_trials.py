@@ -25,6 +25,7 @@ board in a real Redis of the module's own, the state through the artifact store.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -39,18 +40,22 @@ from typing import Any
 import pytest
 import redis
 import torch
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
 
 from crucible.artifacts import artifact_store
 from crucible.datasets.schema import validate_file
 from crucible.datasets.storage import BlobWriter, DatasetHandle
 from crucible.device import compute_device
-from crucible.errors import CrucibleError
+from crucible.errors import CrucibleError, JobCancelled
 from crucible.lease import worker_identity
 from crucible.pipeline import _resolve, run_merge_job
-from crucible.runner import execute_job
+from crucible.runner import execute_job, on_terminal
+from crucible.secrets import JobSecrets, encrypt_secrets
 from crucible.settings import Settings
 from crucible.spec import MergeSpec
 from crucible.store import JobStore
+from crucible.tune import scratch
 from crucible.tune.factorized import (
     BmmModule,
     FactorizedModule,
@@ -92,6 +97,8 @@ from tests.support.faults import (
 )
 from tests.support.redis_server import private_redis
 from tests.support.reporters import QuietReporter
+from tests.support.s3 import ACCESS_KEY as S3_KEY
+from tests.support.s3 import REGION as S3_REGION
 from tests.support.s3 import S3Server, s3_server
 from tests.support.tiny_models import tiny_texts, tiny_word_tokenizer
 from tests.test_scale_out_stats import output_of
@@ -186,9 +193,10 @@ def new_board(url: str, job_id: str = "job1", attempt: str = "a1") -> TrialBoard
 
 
 def other_worker(board: TrialBoard) -> TrialBoard:
-    """The same attempt's board as another process sees it."""
+    """The same attempt's board as another process sees it (the same opening: a task
+    reads it before its claim)."""
     job_id, attempt = board.namespace.split(":")[2:4]
-    return TrialBoard(board.client, job_id, attempt)
+    return TrialBoard(board.client, job_id, attempt, opened=board.opened)
 
 
 def result(value: float, pid: int = 0) -> TrialResult:
@@ -371,8 +379,8 @@ def test_every_board_key_expires(redis_url: str) -> None:
     """A board nobody removes (every worker gone) still goes: no key without a TTL."""
     board = new_board(redis_url)
     board.write_values(0, {"global": {"scale": 1.0}})
+    assert board.claim(0, 60)  # before its result: a finished trial is never claimed
     board.write_result(0, result(1.0))
-    assert board.claim(0, 60)
     keys = job_keys(redis_url)
     assert len(keys) == 5  # open, in:0, out:0, claim:0, claimed:0
     assert all(0 < board.client.pttl(k) <= BOARD_TTL_SECONDS * 1000 for k in keys)
@@ -388,6 +396,67 @@ def test_a_removed_board_stays_removed(redis_url: str) -> None:
     assert not worker.write_result(1, result(1.0)) and not board.write_values(2, {})
     assert not board.claim(2, 60) and not worker.renew(1, 60)
     assert job_keys(redis_url) == []
+
+
+def test_a_writer_of_an_earlier_opening_writes_nothing_into_a_reopened_board(
+    redis_url: str,
+) -> None:
+    """A chord callback delivered again under the same owner name reopens the attempt's
+    board: a helper of the first run, which claimed trial 1 there, cannot put its result
+    (computed for the first run's values) into the new opening, nor claim, nor can the
+    first parent write values or keep the board open; the new opening's own writers can."""
+    first = new_board(redis_url)
+    helper = other_worker(first)
+    assert first.write_values(1, {"global": {"scale": 1.0}}) and helper.claim(1, 60)
+    again = TrialBoard(first.client, "job1", "a1")
+    again.open()  # over the first run's keys: its claim of trial 1 is still there
+    assert again.opened != first.opened and again.generation() == again.opened
+    assert not helper.write_result(1, result(5.0)) and again.read_result(1) is None
+    assert not helper.claim(2, 60) and not first.claim(3, 60)
+    assert not first.write_values(2, {}) and not first.keep_open()
+    assert again.keep_open() and again.write_values(2, {"global": {"scale": 0.5}})
+    # Removed and reopened, as TrialFanout.open does: the same.
+    delete_board(first.client, "job1")
+    again.open()
+    assert not helper.write_result(1, result(5.0)) and not helper.claim(1, 60)
+    assert other_worker(again).claim(1, 60) and again.read_result(1) is None
+    assert job_keys(redis_url) == sorted(
+        k.encode() for k in (again.key("open"), again.key("claim:1"), again.key("claimed:1"))
+    )
+
+
+def test_a_finished_trial_is_never_claimed_again(redis_url: str) -> None:
+    """Its claim given back (or expired) after its result is in: no one runs it again."""
+    board = new_board(redis_url)
+    worker = other_worker(board)
+    assert worker.claim(1, 60) and worker.write_result(1, result(1.0)) and worker.release(1)
+    assert not board.claim(1, 60) and not other_worker(board).claim(1, 60)
+    assert board.claimant(1) is None
+
+
+def test_a_parent_closing_its_attempt_leaves_other_boards_alone(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """close(): a parent that lost its lease removes its own attempt only; and a parent
+    whose attempt another run reopened (a chord callback delivered again, same owner
+    name) leaves that run's board and files."""
+    settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url)
+    a = TrialFanout(settings, lambda *_: None, "job1", "host:1:a")
+    a.open([], {}, {})
+    b = TrialFanout(settings, lambda *_: None, "job1", "host:2:b")
+    b.open([], {}, {})  # removed a's, as a new attempt does
+    assert b.board.write_values(0, {"global": {"scale": 1.0}})
+    a.close()
+    assert b.board.is_open() and b.board.read_values(0) == {"global": {"scale": 1.0}}
+    assert (b.folder / "manifest.json").is_file()
+    again = TrialFanout(settings, lambda *_: None, "job1", "host:2:b")
+    again.open([], {}, {})
+    assert again.board.write_values(0, {"global": {"scale": 0.5}})
+    b.close()
+    assert again.board.is_open() and again.board.read_values(0) == {"global": {"scale": 0.5}}
+    assert (again.folder / "manifest.json").is_file()
+    again.close()
+    assert job_keys(redis_url) == [] and not again.folder.exists()
 
 
 def test_opening_a_batch_clears_every_earlier_run_of_the_job(
@@ -430,9 +499,12 @@ def test_fanout_needs_a_redis_broker_and_the_batch(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- a trial task
 
 
-def owned_job(tmp_path: Path, redis_url: str) -> tuple[JobStore, Settings, str, str]:
-    """A running job (its models nowhere: resolving fails) claimed by a parent."""
-    settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url)
+def owned_job(
+    tmp_path: Path, redis_url: str, secrets_key: str | None = None
+) -> tuple[JobStore, Settings, str, str]:
+    """A running job (its models nowhere: resolving fails) claimed by a parent; with
+    `secrets_key`, a Hub token stored encrypted under it."""
+    settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url, secrets_key=secrets_key)
     store = JobStore(settings.resolved_database_url, settings.artifacts_root)
     store.migrate()
     spec = {
@@ -442,7 +514,8 @@ def owned_job(tmp_path: Path, redis_url: str) -> tuple[JobStore, Settings, str, 
         "tuning": {"dataset": "ds_0000000000", "trials": 4, "init_trials": 2, "batch": 2},
     }
     body = MergeSpec.model_validate(spec).model_dump(mode="json")
-    job, _ = store.create_job("acme", body, "digest", None)
+    secrets = encrypt_secrets(JobSecrets(hub_token="hf_t"), settings) if secrets_key else None
+    job, _ = store.create_job("acme", body, "digest", None, secrets)
     owner = worker_identity()
     assert store.claim(job.id, owner, settings.lease_seconds) is not None
     return store, settings, job.id, owner
@@ -533,6 +606,76 @@ def test_the_parent_stops_waiting_when_its_board_is_removed(redis_url: str) -> N
         schedule(board, [0, 1], Runs(), job_ended_elsewhere, poll_seconds=0)
 
 
+def stop_redis(url: str) -> None:
+    with contextlib.suppress(redis.ConnectionError):  # it closes the connection
+        redis.Redis.from_url(url).shutdown(nosave=True)
+
+
+@pytest.mark.parametrize("failure", ["redis stops", "open flag evicted"])
+def test_a_board_that_fails_mid_batch_leaves_the_rest_of_the_tuning_here(
+    tmp_path: Path, failure: str
+) -> None:
+    """The board only saves time: Redis stops (a restart) or the open flag goes (a
+    volatile-* eviction) while the parent runs its trial 0 of a batch of 3 whose other
+    trials it sent. The parent keeps trial 0's result, runs 1 and 2 itself, and every
+    later batch too (one event `trials_not_split`), as one worker would."""
+    with private_redis(tmp_path / "redis") as url:
+        settings = Settings(data_dir=tmp_path / "data", broker_url=url)
+        sent: list[list[int]] = []
+        fanout = TrialFanout(settings, lambda _j, _o, indices: sent.append(indices), "j", "h:1")
+        fanout.open([], {}, {})
+        events: list[tuple[str, dict[str, Any] | None]] = []
+        runs = Runs()
+
+        def run_local(index: int) -> TrialResult:
+            if index == 0:
+                if failure == "redis stops":
+                    stop_redis(url)
+                else:
+                    fanout.board.client.delete(fanout.board.key("open"))
+            return runs(index)
+
+        def event(kind: str, _message: str, data: dict[str, Any] | None = None) -> None:
+            events.append((kind, data))
+
+        values = [{"global": {"scale": float(i)}} for i in range(3)]
+        first = fanout.run_batch(0, values, run_local, lambda: None, event)
+        assert [r.objective for r in first] == [0.0, 1.0, 2.0] and runs.ran == [0, 1, 2]
+        later = fanout.run_batch(3, values, run_local, lambda: None, event)
+        assert [r.objective for r in later] == [3.0, 4.0, 5.0] and runs.ran == list(range(6))
+        assert sent == [[1, 2]]  # the later batch sent nothing
+        assert [kind for kind, _ in events] == ["trials_not_split"]
+        assert events[0][1] == {
+            "error": "ConnectionError" if failure == "redis stops" else "BoardRemoved",
+            "trial": 0,
+        }
+        assert not fanout.folder.exists()  # closed, as far as it could be
+        if failure != "redis stops":
+            assert job_keys(url) == []
+
+
+def test_a_board_that_fails_still_lets_a_cancel_end_the_job(tmp_path: Path) -> None:
+    """A board removed because the job ended elsewhere (a trial task saw the cancel): the
+    parent stops at its cancel check rather than running the batch alone."""
+    with private_redis(tmp_path / "redis") as url:
+        settings = Settings(data_dir=tmp_path / "data", broker_url=url)
+        fanout = TrialFanout(settings, lambda *_: None, "j", "h:1")
+        fanout.open([], {}, {})
+        cancelled: list[int] = []
+
+        def check_cancelled() -> None:
+            if cancelled:
+                raise JobCancelled("the job was cancelled while running")
+
+        def run_local(index: int) -> TrialResult:
+            remove_tune_files(settings, "j")
+            cancelled.append(1)
+            return result(float(index))
+
+        with pytest.raises(JobCancelled):
+            fanout.run_batch(0, [{}, {}], run_local, check_cancelled)
+
+
 def test_a_job_that_ends_removes_every_attempts_tune_files(tmp_path: Path, redis_url: str) -> None:
     """Attempt 1 died in its tune stage; attempt 2 fails before tuning (its models are
     nowhere): the job's tune state, attempt 1's board and files, goes with the job."""
@@ -547,12 +690,72 @@ def test_a_job_that_ends_removes_every_attempts_tune_files(tmp_path: Path, redis
     assert job_keys(redis_url, job_id) == []
 
 
+def test_a_trial_task_failing_before_its_work_leaves_the_job_alone(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A helper whose own setup fails (here its CRUCIBLE_SECRETS_KEY is not the API's; on
+    another machine a full disk fetching the dataset would do the same) fails only its
+    task: the job runs on, the trial unclaimed (the parent runs it)."""
+    api_key, helper_key = (Fernet.generate_key().decode() for _ in range(2))
+    store, settings, job_id, owner = owned_job(tmp_path, redis_url, secrets_key=api_key)
+    board = stored_batch(settings, job_id, owner)
+    helper = settings.model_copy(update={"secrets_key": SecretStr(helper_key)})
+    assert run_trial_task(job_id, owner, 1, store, helper) is None
+    job = store.get_job(job_id)
+    assert job is not None and job.status == "running", job.error
+    assert not [e for e in job.events if e.kind in ("error", "trial_released")]
+    assert not board.claimed_once(1) and board.is_open()
+    # With the parent's key the same task gets as far as its claim (then its models,
+    # nowhere here, fail it: given back).
+    assert run_trial_task(job_id, owner, 1, store, settings) is None
+    assert board.claimed_once(1)
+
+
+def test_only_a_tuned_jobs_end_looks_for_tune_state(tmp_path: Path, redis_url: str) -> None:
+    """on_terminal scans the broker's keyspace for a job that can have fanned its trials
+    out (tuned, Redis broker) only."""
+    store, settings, tuned, _ = owned_job(tmp_path, redis_url)
+    plain = MergeSpec.model_validate(
+        {
+            "base": {"uri": (tmp_path / "b").as_uri()},
+            "experts": [{"uri": (tmp_path / "e").as_uri()}],
+            "method": {"name": "task_arithmetic"},
+        }
+    ).model_dump(mode="json")
+    untuned, _ = store.create_job("acme", plain, "digest2", None)
+    client = redis.Redis.from_url(redis_url)
+
+    def scans() -> int:
+        return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+    client.config_resetstat()
+    on_terminal(store, untuned.id, settings)
+    assert scans() == 0
+    on_terminal(store, tuned, settings)
+    assert scans() > 0
+
+
 def test_removing_tune_files_never_raises(tmp_path: Path) -> None:
     """Redis down (on_terminal's removal must not fail the job's end): logged, and the
     local folder still goes."""
     settings = Settings(data_dir=tmp_path / "data", broker_url="redis://127.0.0.1:9/0")
     folder = attempt_folder(settings, "job1", "host:1:a")
     save_state(folder, [], {}, {})
+    remove_tune_files(settings, "job1")
+    assert not folder.exists()
+
+
+def test_removing_tune_files_never_raises_on_an_s3_error(tmp_path: Path) -> None:
+    """The store unreachable: logged; the local folder still goes."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        artifacts_uri=f"s3://{BUCKET}/{PREFIX}",
+        s3_endpoint_url="http://127.0.0.1:9",
+        s3_region="us-east-1",
+        retry_attempts=1,
+    )
+    folder = settings.artifacts_root / tune_prefix("job1") / "a"
+    folder.mkdir(parents=True)
     remove_tune_files(settings, "job1")
     assert not folder.exists()
 
@@ -742,6 +945,115 @@ def test_trial_files_that_cannot_be_stored_leave_the_trials_to_the_parent(
     assert sent == [] and "trials_not_split" in log.kinds and "trials_split" not in log.kinds
     assert blocked.read_text() == "not a folder"
     assert job_keys(redis_url) == []  # the board was never opened
+
+
+def test_redis_stopping_mid_tuning_leaves_the_trials_of_one_worker(
+    tmp_path: Path, family: Family
+) -> None:
+    """The broker's Redis stops in the second batch (after its trials went out, before
+    any ran): the job tunes on alone and gives a single run's trials and output."""
+    with private_redis(tmp_path / "redis") as url:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            allowed_local_dirs=[family.root],
+            broker_url=url,
+            trial_claim_wait_seconds=0,  # nobody helps: no wait
+        )
+        store = JobStore(settings.resolved_database_url, settings.artifacts_root)
+        store.migrate()
+        handle = add_dataset(store, family.rows)
+        reference, _, _ = single_worker_run(family, handle, tmp_path / "single")
+        sent: list[list[int]] = []
+
+        def send(_job: str, _owner: str, indices: list[int]) -> None:
+            sent.append(indices)
+            if len(sent) == 2:
+                stop_redis(url)
+
+        fanout = TrialFanout(settings, send, "job1", "host:1:abc")
+        got, _, _ = single_worker_run(family, handle, tmp_path / "fanned", trials=fanout)
+        assert got.trials == reference.trials and got.output == reference.output
+        assert sent == [[1], [3]] and fanout.local_only
+        assert not (settings.artifacts_root / tune_prefix("job1")).exists()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with s3_server(tmp_path_factory.mktemp("s3"), (BUCKET,)) as server:
+        yield server
+
+
+def s3_settings(data_dir: Path, redis_url: str, server: S3Server) -> Settings:
+    """A worker's settings on a machine of its own: its folder, the shared S3 and Redis."""
+    return Settings(
+        data_dir=data_dir,
+        broker_url=redis_url,
+        artifacts_uri=f"s3://{BUCKET}/{PREFIX}",
+        s3_endpoint_url=server.endpoint,
+        s3_region=S3_REGION,
+        s3_access_key_id=S3_KEY,
+        s3_secret_access_key=S3_KEY,
+    )
+
+
+def test_with_a_remote_store_no_copy_of_the_state_stays_on_a_machine(
+    tmp_path: Path, redis_url: str, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent's state goes to S3 through a folder removed once uploaded (nothing of it
+    stays on the parent's machine for the tuning, or forever were it killed); a helper's
+    fetch sweeps the `.fetch-*` folders a killed fetch left a day ago (a fresh one is
+    another process's, fetching now); closing removes the stored objects."""
+    module = every_kind()[4]
+    fixed = {"wpe.weight": torch.randn(3, 2)}
+    parent = s3_settings(tmp_path / "parent", redis_url, s3)
+    fanout = TrialFanout(parent, lambda *_: None, "job1", "host:1:a")
+    fanout.open([module], fixed, {module.name: "g"})
+    stored = f"{PREFIX}/{fanout.prefix}/"
+    assert s3.keys(BUCKET, stored) == [
+        stored + name for name in ("fixed.safetensors", "m0.safetensors", "manifest.json")
+    ]
+    assert not (parent.artifacts_root / "jobs" / "job1").exists()
+    helper = s3_settings(tmp_path / "helper", redis_url, s3)
+    jobs = helper.artifacts_root / "jobs"
+    stale = jobs / "old" / "tune" / ".fetch-abc-1-dead"
+    fresh = jobs / "now" / "tune" / ".fetch-abc-2-live"
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+        (folder / "m0.safetensors").write_bytes(b"partial")
+    day_ago = time.time() - BOARD_TTL_SECONDS - 60
+    os.utime(stale, (day_ago, day_ago))
+    monkeypatch.setattr(scratch, "_last_sweep", [0.0])  # this process has not swept yet
+    state = fetch_state(artifact_store(helper), fanout.prefix, "cpu")
+    same_merges(module, state.modules[0])
+    assert torch.equal(state.fixed["wpe.weight"], fixed["wpe.weight"])
+    assert not (jobs / "old").exists() and fresh.is_dir()
+    assert not (jobs / "job1").exists()
+    fanout.close()
+    assert s3.keys(BUCKET, stored) == [] and job_keys(redis_url) == []
+
+
+def test_removing_the_stored_state_goes_past_a_failed_delete(
+    tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One object that cannot be deleted: logged, and the others still go."""
+    settings = s3_settings(tmp_path / "data", "redis://127.0.0.1:9/0", s3)
+    store = artifact_store(settings)
+    for name in ("a", "b", "c"):
+        path = tmp_path / name
+        path.write_bytes(name.encode())
+        store.put_file(path, f"{tune_prefix('job1')}/x/{name}")
+    real_delete = type(store).delete
+
+    def delete(self: Any, key: str) -> None:
+        if key.endswith("/a"):
+            raise OSError("the store refused")
+        real_delete(self, key)
+
+    monkeypatch.setattr(type(store), "delete", delete)
+    remove_tune_files(settings, "job1")
+    assert s3.keys(BUCKET, f"{PREFIX}/{tune_prefix('job1')}/") == [
+        f"{PREFIX}/{tune_prefix('job1')}/x/a"
+    ]
 
 
 # --------------------------------------------------------------------------- real workers

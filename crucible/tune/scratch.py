@@ -9,18 +9,24 @@ the job is over.
   a board nobody removed still goes.
 
 Torch-free: the runner's on_terminal, which the reaper imports too, removes them for every
-terminal status, however the job ended (an attempt that died in its tune stage leaves its
-state to the next attempt, and there may be none).
+terminal status of a job that can have them (tuned, Redis broker), however it ended (an
+attempt that died in its tune stage leaves its state to the next attempt, and there may be
+none). A copy folder (`.put-*`, `.fetch-*`) of a process killed mid-copy is swept a day
+later (`sweep_stale_folders`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import shutil
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from crucible.artifacts import artifact_store
 from crucible.settings import Settings
@@ -38,6 +44,13 @@ BOARD_TTL_SECONDS = 24 * 3600
 REDIS_TIMEOUT_SECONDS = 10.0
 KEY_ROOT = "crucible:tune"
 OPEN = "open"
+# A process's own folders in the job's tune folder of its local cache: `.put-*` (the
+# parent's state on its way to a remote store), `.fetch-*` (a helper's, on its way from
+# it). Removed once used; a process killed meanwhile leaves them to `sweep_stale_folders`.
+PUT_FOLDER = ".put-"
+FETCH_FOLDER = ".fetch-"
+# A process sweeps at most this often (a glob over every job's folder).
+SWEEP_EVERY_SECONDS = 3600.0
 
 
 def tune_prefix(job_id: str) -> str:
@@ -110,8 +123,16 @@ def remove_attempts(settings: Settings, job_id: str, attempt: str | None = None)
     def stored() -> None:
         store = artifact_store(settings)
         if store.remote:  # a local store's objects are the folder below
+            failed = 0
             for key in store.list(prefix):
-                store.delete(key)
+                try:
+                    store.delete(key)
+                except Exception:
+                    # The others still go: one object left is better than all of them.
+                    failed += 1
+                    log.warning("job %s: %s not removed", job_id, key, exc_info=True)
+            if failed:
+                raise OSError(f"{failed} stored objects under {prefix} were not removed")
 
     def local() -> None:
         shutil.rmtree(artifact_store(settings).local_path(prefix), ignore_errors=True)
@@ -133,3 +154,43 @@ def remove_tune_files(settings: Settings, job_id: str) -> None:
     """Every attempt's tune state of the job (its tuning can no longer use it): board
     keys, stored objects, local folder. Never raises."""
     remove_attempts(settings, job_id)
+
+
+def may_have_tune_files(settings: Settings, spec: Mapping[str, Any] | None) -> bool:
+    """Whether a job of this spec can have fanned its trials out: tuned, and a Redis
+    broker (crucible.tune.trials.fanout_enabled). Spares every other job's end the SCANs
+    of the broker's keyspace."""
+    return bool(spec and spec.get("tuning")) and chord_backend(settings) is not None
+
+
+_last_sweep = [0.0]
+_sweep_lock = threading.Lock()
+
+
+def sweep_stale_folders(jobs: Path, max_age_seconds: float = BOARD_TTL_SECONDS) -> int:
+    """Remove the `.put-*` and `.fetch-*` folders older than `max_age_seconds` (a day: no
+    copy takes that long) under every job's tune folder in `jobs` (the local cache's
+    `jobs/`), left by a process killed while it copied; at most once per
+    SWEEP_EVERY_SECONDS per process. Returns how many went. Never raises."""
+    with _sweep_lock:
+        now = time.time()
+        if now - _last_sweep[0] < SWEEP_EVERY_SECONDS:
+            return 0
+        _last_sweep[0] = now
+    removed = 0
+    try:
+        for pattern in (f"*/tune/{PUT_FOLDER}*", f"*/tune/{FETCH_FOLDER}*"):
+            for folder in jobs.glob(pattern):
+                try:
+                    if now - folder.stat().st_mtime < max_age_seconds:
+                        continue
+                except OSError:
+                    continue  # gone meanwhile
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+                for made in (folder.parent, folder.parent.parent):  # the job's, once empty
+                    with contextlib.suppress(OSError):
+                        made.rmdir()
+    except Exception:
+        log.warning("stale tune folders not swept", exc_info=True)
+    return removed

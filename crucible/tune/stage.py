@@ -174,13 +174,15 @@ def tune_merge(
             fanout.open(modules, fixed, group_of)
         except Exception as exc:
             # The fan-out only saves time: a folder that cannot take the factorizations (a
-            # full disk: bmm's are larger than the model) leaves the trials to this worker
-            # rather than failing a job one worker can run.
+            # full disk: bmm's are larger than the model), or Redis unreachable, leaves the
+            # trials to this worker rather than failing a job one worker can run.
+            from crucible.tune.trials import not_split_reason
+
             fanout.close()
             fanout = None
             reporter.event(
                 "trials_not_split",
-                f"the trials run here only: their files could not be stored ({exc})",
+                f"the trials run here only: {not_split_reason(exc)}",
                 {"error": type(exc).__name__},
             )
         except BaseException:
@@ -209,6 +211,7 @@ def tune_merge(
                 batch,
                 lambda index: run_local(batch[index - first]),
                 reporter.check_cancelled,
+                reporter.event,
             )
         for result in results:
             seconds.append(result.seconds)

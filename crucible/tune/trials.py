@@ -1,15 +1,18 @@
 """Scale-out of a tuning batch: with `tuning.batch` >= `trial_fanout_min_batch` and a Redis
-broker, the trials of one BO batch run on several workers ("the parent helps"), on one
-machine or many.
+broker, the trials of one BO batch run on several workers ("the parent helps"): on one
+machine, or on many when they share the artifact store (S3, or one shared folder).
 
-1. The job's worker (the parent) writes every module's factorization and bmm's fixed
-   tensors once under `jobs/<id>/tune/<attempt>/` in its local artifact folder
-   (safetensors per module, then manifest.json), puts that folder in the artifact store
-   (manifest last; with the local store a no-op), and then opens the attempt's board: the
-   Redis keys `crucible:tune:<id>:<attempt>:*` (crucible.tune.scratch), each with a TTL of
-   a day. `<attempt>` is a hash of the parent's owner name, so a requeued job never reads
-   an earlier attempt's state (the new parent removes it). Every write to the board checks
-   its open flag in the same Lua call, so a removed board stays removed.
+1. The job's worker (the parent) asks Redis (unreachable: nothing is written), then
+   writes every module's factorization and bmm's fixed tensors once (safetensors per
+   module, then manifest.json) to the artifact store under `jobs/<id>/tune/<attempt>/`:
+   with the local store, that folder itself; with a remote one, through a folder of its
+   own removed once uploaded (manifest last). Then it opens the attempt's board: the Redis
+   keys `crucible:tune:<id>:<attempt>:*` (crucible.tune.scratch), each with a TTL of a
+   day. `<attempt>` is a hash of the parent's owner name, so a requeued job never reads an
+   earlier attempt's state (the new parent removes it). The open flag holds a generation
+   token; every write to the board checks, in the same Lua call, that the flag holds the
+   writer's generation, so a removed board stays removed and a late writer of an earlier
+   opening (a chord callback delivered again reopens its attempt's board) writes nothing.
 2. Per batch of b trials the parent puts each trial's values on the board, sends b-1
    `crucible.tune_trial` tasks (the batch's trials but its first), and runs the batch
    itself in index order, skipping a trial that has a result or that another worker
@@ -21,18 +24,25 @@ machine or many.
    waits (checking cancel and lease) for the trials other workers hold. It never waits
    on a task that has not started, so one worker at concurrency 1 simply runs every
    trial itself, and the tasks it sent exit as no-ops later: no deadlock, and no chord.
-3. A trial task (`trial_work`, run by runner.execute_owned under the parent's owner name,
-   so a job no longer running under it is left alone) claims its trial, builds the
-   evaluator and loads the stored modules (from the store: a worker on another machine
-   fetches them into a private folder of its own cache, removed once loaded; once per
-   process and board: later trials of the job reuse them; any other task in the process
-   frees them), runs crucible.tune.trial.run_trial, the parent's own code, and puts the
-   result on the board. A task that fails gives its claim back (event `trial_released`)
-   and the parent runs the trial: an error that is the trial's own then fails the job
-   there, as in one worker.
+   The board only saves time: should Redis fail or the board go (an evicted flag) during
+   the tuning, the batch's missing trials and every later batch run on the parent alone
+   (event `trials_not_split`), as with one worker.
+3. A trial task first looks at the board (one round trip: nothing to do when it is
+   closed or the trial has a result), then runs `trial_work` under runner.execute_owned
+   with the parent's owner name (a job no longer running under it is left alone; an
+   error before the work, such as this machine's dataset download or secrets, fails the
+   task only: the trial stays unclaimed and the parent runs it). The work claims its
+   trial, loads the stored modules (from the store: a worker on another machine fetches
+   them into a private folder of its own cache, removed once loaded; once per process and
+   board: later trials of the job reuse them; any other task in the process frees them),
+   builds the evaluator, runs crucible.tune.trial.run_trial, the parent's own code, and
+   puts the result on the board. A task that fails gives its claim back (event
+   `trial_released`) and the parent runs the trial: an error that is the trial's own then
+   fails the job there, as in one worker.
 4. The parent records the trials in index order as in one worker; its board, stored
    state and folder are removed when the tune stage ends, however it ends, and every
-   attempt's when the job ends (crucible.tune.scratch, from runner.on_terminal).
+   attempt's when the job ends (crucible.tune.scratch, from runner.on_terminal); a copy
+   folder a killed process left is swept a day later by the next fan-out on its machine.
 """
 
 from __future__ import annotations
@@ -64,13 +74,16 @@ from crucible.stats.cache import worker_record
 from crucible.tune.factorized import FactorizedModule, module_from_state
 from crucible.tune.scratch import (
     BOARD_TTL_SECONDS,
+    FETCH_FOLDER,
     OPEN,
+    PUT_FOLDER,
     attempt_key,
     attempt_prefix,
     board_namespace,
     redis_client,
     remove_attempts,
     remove_tune_files,
+    sweep_stale_folders,
 )
 from crucible.tune.space import GroupValues
 from crucible.tune.trial import TrialResult, run_trial
@@ -94,6 +107,8 @@ BOARD_REMOVED = "the tuning batch's trial board was removed"
 
 # (job id, owner, trial indices) -> sends one trial task per index.
 SendTrials = Callable[[str, str, list[int]], None]
+# The job's events (StoreReporter.event): kind, message, data.
+EventSink = Callable[[str, str, "dict[str, Any] | None"], None]
 
 
 def attempt_folder(settings: Settings, job_id: str, owner: str) -> Path:
@@ -169,7 +184,8 @@ def fetch_state(store: ArtifactStore, prefix: str, device: torch.device | str) -
     local = store.local_path(prefix)
     folder = local
     if store.remote:
-        folder = local.parent / f".fetch-{local.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        sweep_stale_folders(store.local_path("jobs"))
+        folder = local.parent / f"{FETCH_FOLDER}{local.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
 
         def get(name: str) -> None:
@@ -192,16 +208,22 @@ def fetch_state(store: ArtifactStore, prefix: str, device: torch.device | str) -
 
 # --------------------------------------------------------------------------- the board
 
-# Every write checks the board's open flag (KEYS[1]) in the same call: once the board is
-# removed (open flag first, crucible.tune.scratch.delete_board) nothing recreates a key.
+# Every write checks the board's open flag (KEYS[1]) in the same call, and that it still
+# holds the writer's opening (a generation token): once the board is removed (open flag
+# first, crucible.tune.scratch.delete_board) nothing recreates a key, and a late writer of
+# an earlier opening (a chord callback delivered again reopens its attempt's board) never
+# writes into the new one.
+# KEYS: open flag, key; ARGV: value, TTL ms, generation.
 _PUT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1
 """
-# KEYS: open flag, claim, claimed-once marker; ARGV: token, lease ms, TTL ms.
+# KEYS: open flag, claim, claimed-once marker, result; ARGV: token, lease ms, TTL ms,
+# generation. A trial with a result is never claimed (nor run) again.
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 0 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
 return 1
@@ -222,18 +244,33 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+class BoardRemoved(CrucibleError):
+    """The board is gone, or holds another opening than this claimant's."""
+
+    def __init__(self) -> None:
+        super().__init__("internal", BOARD_REMOVED)
+
+
 class TrialBoard:
     """One attempt's trials in Redis: values in, claims, results out, and the open flag
-    (its value names this opening, so a process's cached state never outlives it). Each
-    instance is one claimant (its token: pid and a random part)."""
+    (its value, the generation, names this opening: a process's cached state never
+    outlives it, and a writer of another opening writes nothing). Each instance is one
+    claimant (its token: pid and a random part) of one opening, `opened`: the parent's
+    from open(), a task's read before its claim (None: every write fails)."""
 
     def __init__(
-        self, client: redis.Redis, job_id: str, attempt: str, ttl_seconds: float = BOARD_TTL_SECONDS
+        self,
+        client: redis.Redis,
+        job_id: str,
+        attempt: str,
+        ttl_seconds: float = BOARD_TTL_SECONDS,
+        opened: str | None = None,
     ) -> None:
         self.client = client
         self.namespace = board_namespace(job_id, attempt)
         self.ttl_seconds = ttl_seconds
         self.token = f"{os.getpid()}:{uuid.uuid4().hex}"
+        self.opened = opened
         self._put = client.register_script(_PUT)
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
@@ -247,10 +284,13 @@ class TrialBoard:
     def open(self) -> str:
         generation = uuid.uuid4().hex
         self.client.set(self.key(OPEN), generation, px=_ms(self.ttl_seconds))
+        self.opened = generation
         return generation
 
     def keep_open(self) -> bool:
-        return bool(self.client.pexpire(self.key(OPEN), _ms(self.ttl_seconds)))
+        """Renew the open flag's TTL; False when it is gone or another opening's."""
+        keys = [self.key(OPEN)]
+        return bool(self._renew(keys=keys, args=[self.opened or "", _ms(self.ttl_seconds)]))
 
     def generation(self) -> str | None:
         value = self.client.get(self.key(OPEN))
@@ -262,7 +302,7 @@ class TrialBoard:
     # Values and results.
 
     def _set(self, name: str, data: Any) -> bool:
-        args = [json.dumps(data), _ms(self.ttl_seconds)]
+        args = [json.dumps(data), _ms(self.ttl_seconds), self.opened or ""]
         return bool(self._put(keys=[self.key(OPEN), self.key(name)], args=args))
 
     def _get(self, name: str) -> Any:
@@ -285,13 +325,32 @@ class TrialBoard:
         data = self._get(f"out:{index}")
         return None if data is None else TrialResult.from_dict(data)
 
+    def look(self, indices: Sequence[int]) -> tuple[bool, dict[int, TrialResult], set[int]]:
+        """One round trip (MGET): whether the board still holds this opening, the results
+        of `indices` there are, and which of them were ever claimed."""
+        names = [OPEN, *(f"out:{i}" for i in indices), *(f"claimed:{i}" for i in indices)]
+        values = self.client.mget([self.key(name) for name in names])
+        current, outs, once = values[0], values[1 : len(indices) + 1], values[len(indices) + 1 :]
+        ours = current is not None and bytes(current).decode() == self.opened
+        results = {
+            i: TrialResult.from_dict(json.loads(v))
+            for i, v in zip(indices, outs, strict=True)
+            if v is not None
+        }
+        return ours, results, {i for i, v in zip(indices, once, strict=True) if v is not None}
+
     # Claims.
 
     def claim(self, index: int, lease_seconds: float) -> bool:
         """Take trial `index` unless someone holds it (a claim not renewed within its lease
         is gone: its holder died) or the board is gone."""
-        keys = [self.key(OPEN), self.key(f"claim:{index}"), self.key(f"claimed:{index}")]
-        args = [self.token, _ms(lease_seconds), _ms(self.ttl_seconds)]
+        keys = [
+            self.key(OPEN),
+            self.key(f"claim:{index}"),
+            self.key(f"claimed:{index}"),
+            self.key(f"out:{index}"),
+        ]
+        args = [self.token, _ms(lease_seconds), _ms(self.ttl_seconds), self.opened or ""]
         return bool(self._claim(keys=keys, args=args))
 
     def claimed_once(self, index: int) -> bool:
@@ -345,37 +404,41 @@ def schedule(
     poll_seconds: float = POLL_SECONDS,
     sent: Collection[int] = (),
     claim_wait_seconds: float = 0.0,
+    results: dict[int, TrialResult] | None = None,
 ) -> list[TrialResult]:
     """The parent's side of one batch: every trial in `indices` that has no result and no
     live claimant runs here, in index order; then wait for the others' results. A trial
     in `sent` (a task went out for it) is left to the other workers until
     `claim_wait_seconds` after the batch started, unless someone claimed it once (a claim
-    that expired since is taken over at once); unclaimed by then, it runs here."""
-    results: dict[int, TrialResult] = {}
+    that expired since is taken over at once); unclaimed by then, it runs here.
+    `results` collects the batch's results as they come, so a caller that catches an
+    error (RedisError, BoardRemoved) keeps those it has. One MGET per poll, and a claim
+    per trial it may run."""
+    results = {} if results is None else results
     others_until = time.monotonic() + claim_wait_seconds
     while True:
-        for index in indices:
+        pending = [i for i in indices if i not in results]
+        ours, done, claimed_once = board.look(pending)
+        results.update(done)
+        for index in pending:
             if index in results:
                 continue
-            done = board.read_result(index)
-            if done is not None:
-                results[index] = done
-            elif (
-                index in sent and time.monotonic() < others_until and not board.claimed_once(index)
-            ):
+            if index in sent and index not in claimed_once and time.monotonic() < others_until:
                 continue  # unclaimed: still the other workers'
-            elif board.claim(index, board.ttl_seconds):
-                # The parent's claim lasts as long as the board: were the parent to die,
-                # the job's next attempt has a board of its own.
+            # The claim fails if someone holds the trial or finished it since the look.
+            if board.claim(index, board.ttl_seconds):
+                # The parent claims for the board's TTL and never renews: it runs the trial
+                # at once, and were it to die, the job's next attempt opens a board of its
+                # own (removing this one).
                 results[index] = run_local(index)
                 board.write_result(index, results[index])
         if len(results) == len(indices):
             return [results[i] for i in indices]
         check_cancelled()
-        if not board.is_open():
-            # Removed under us (a trial task that ended the job removes it): waiting would
-            # never end.
-            raise CrucibleError("internal", BOARD_REMOVED)
+        if not ours:
+            # Removed under us (a trial task that ended the job removes it; Redis evicted
+            # the flag; another run of this attempt reopened it): waiting would never end.
+            raise BoardRemoved()
         time.sleep(poll_seconds)
 
 
@@ -394,7 +457,11 @@ class TrialFanout:
         self.attempt = attempt_key(owner)
         self.prefix = attempt_prefix(job_id, self.attempt)
         self.store = artifact_store(settings)
+        # The stored state's folder with a local store (the store's own files); with a
+        # remote one nothing of it stays here.
         self.folder = self.store.local_path(self.prefix)
+        # Set once the board failed mid-tuning: every later trial runs here.
+        self.local_only = False
 
     @cached_property
     def board(self) -> TrialBoard:
@@ -415,10 +482,26 @@ class TrialFanout:
         """Store the factorizations, then open the board. Every earlier run's state goes
         first, this owner's own too (a chord callback delivered again runs the stage again
         under the same owner name: its earlier run's claims would hold trials nobody
-        runs)."""
+        runs). Redis is asked first: unreachable, nothing is uploaded for nothing."""
+        self.board.client.ping()
         remove_tune_files(self._settings, self._job_id)
-        save_state(self.folder, modules, fixed, group_of)
-        put_folder(self.store, self.folder, self.prefix, last=MANIFEST)
+        if self.store.remote:
+            # Written to a folder of this process's own, removed once uploaded: the
+            # helpers fetch from the store, and a copy here would stay all the tuning (a
+            # model's size), or forever were this worker killed.
+            sweep_stale_folders(self.store.local_path("jobs"))
+            name = f"{PUT_FOLDER}{self.attempt}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            folder = self.folder.parent / name
+            try:
+                save_state(folder, modules, fixed, group_of)
+                put_folder(self.store, folder, self.prefix, last=MANIFEST)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+                for made in (folder.parent, folder.parent.parent):  # the job's, once empty
+                    with contextlib.suppress(OSError):
+                        made.rmdir()
+        else:
+            save_state(self.folder, modules, fixed, group_of)
         self.board.open()
 
     def run_batch(
@@ -427,13 +510,38 @@ class TrialFanout:
         batch: Sequence[GroupValues],
         run_local: Callable[[int], TrialResult],
         check_cancelled: Callable[[], None],
+        event: EventSink | None = None,
+    ) -> list[TrialResult]:
+        """The batch's results in index order. The board only saves time: should Redis
+        fail (a restart, a blip) or the board go (an evicted flag) mid-tuning, the trials
+        this batch lacks and every later batch's run here, as with one worker (event
+        `trials_not_split`); a job that ended meanwhile stops at check_cancelled."""
+        indices = list(range(first, first + len(batch)))
+        results: dict[int, TrialResult] = {}
+        if not self.local_only:
+            try:
+                return self._shared(indices, batch, run_local, check_cancelled, results)
+            except (RedisError, BoardRemoved) as exc:
+                check_cancelled()
+                self._go_local(first, exc, event)
+        for index in indices:
+            if index not in results:
+                results[index] = run_local(index)
+        return [results[i] for i in indices]
+
+    def _shared(
+        self,
+        indices: list[int],
+        batch: Sequence[GroupValues],
+        run_local: Callable[[int], TrialResult],
+        check_cancelled: Callable[[], None],
+        results: dict[int, TrialResult],
     ) -> list[TrialResult]:
         board = self.board
-        indices = list(range(first, first + len(batch)))
         if not board.keep_open() or not all(
             board.write_values(index, values) for index, values in zip(indices, batch, strict=True)
         ):
-            raise CrucibleError("internal", BOARD_REMOVED)
+            raise BoardRemoved()
         sent: list[int] = []
         if len(indices) > 1:
             try:
@@ -449,14 +557,52 @@ class TrialFanout:
             check_cancelled,
             sent=sent,
             claim_wait_seconds=self._settings.trial_claim_wait_seconds,
+            results=results,
         )
+
+    def _go_local(self, first: int, exc: BaseException, event: EventSink | None) -> None:
+        log.warning(
+            "job %s: the trials from %d on run on the job's worker only",
+            self._job_id,
+            first,
+            exc_info=True,
+        )
+        self.local_only = True
+        if event is not None:
+            event(
+                "trials_not_split",
+                f"the trials of the batch from {first} on that are not done yet, and every "
+                f"later batch's, run here only: {not_split_reason(exc)}",
+                {"error": type(exc).__name__, "trial": first},
+            )
+        self.close()  # best effort: its keys expire anyway, and on_terminal removes them
 
     def close(self) -> None:
         """This attempt's board, stored state and folder (only: a parent that lost its
-        lease must leave the next attempt's alone), and the job's tune folder once empty."""
+        lease must leave the next attempt's alone, and one whose board another run of
+        this attempt reopened leaves that run's), and the job's tune folder once empty.
+        Never raises."""
+        opened = self.board.opened if "board" in self.__dict__ else None
+        if opened is not None:
+            try:
+                current = self.board.generation()
+            except RedisError:
+                current = None  # removed as far as can be: the keys expire anyway
+            if current is not None and current != opened:
+                log.warning("job %s: its trial board was reopened; left to it", self._job_id)
+                return
         remove_attempts(self._settings, self._job_id, self.attempt)
         with contextlib.suppress(OSError):
             self.folder.parent.rmdir()
+
+
+def not_split_reason(exc: BaseException) -> str:
+    """Why the trials run on the job's worker only, for the `trials_not_split` event."""
+    if isinstance(exc, RedisError):
+        return f"the broker's Redis failed ({type(exc).__name__}: {exc})"
+    if isinstance(exc, BoardRemoved):
+        return "the trial board was removed"
+    return f"their files could not be stored ({type(exc).__name__}: {exc})"
 
 
 def fanout_for(settings: Settings, send: SendTrials) -> Callable[[str, str], TrialFanout]:
@@ -508,11 +654,13 @@ def _load(
     from crucible.stats.fanout import job_datasets
     from crucible.tune.stage import tuning_evaluator
 
+    device = compute_device(settings.device)
+    # The stored state first: missing or unreadable, the task fails before the costlier
+    # evaluator is built.
+    state = fetch_state(artifact_store(settings), prefix, device)
     inputs, _ = _resolve(spec, settings, PartReporter(reporter), hub_token)
     datasets = _datasets(spec, job_datasets(store, settings, job.id, spec))
-    device = compute_device(settings.device)
     evaluator = tuning_evaluator(spec, inputs, datasets, device)
-    state = fetch_state(artifact_store(settings), prefix, device)
     evaluator.swapper.swap(state.fixed)
     state.fixed = {}
     _LOADED.append(_Loaded(key, evaluator, state))
@@ -534,6 +682,7 @@ def trial_work(index: int, owner: str, store: JobStore, settings: Settings) -> O
             if generation is None:
                 _LOADED.clear()  # the attempt's tuning is over: free its modules
                 return None
+            board.opened = generation  # this task writes into this opening only
             if board.read_result(index) is not None:
                 return None
             if not board.claim(index, settings.lease_seconds):
@@ -580,26 +729,63 @@ def trial_work(index: int, owner: str, store: JobStore, settings: Settings) -> O
     return work
 
 
+def _worth_running(job_id: str, owner: str, index: int, settings: Settings) -> bool:
+    """Whether the trial's board is open and the trial unfinished: one round trip before
+    the job's dataset and secrets are fetched (a task queued behind the tuning's end, or
+    behind the parent running its trial, costs nothing more)."""
+    client = redis_client(settings)
+    if client is None:
+        return False
+    board = TrialBoard(client, job_id, attempt_key(owner))
+    try:
+        if board.generation() is None:
+            _LOADED.clear()  # the attempt's tuning is over: free its modules
+            return False
+        return board.read_result(index) is None
+    except RedisError:
+        log.warning("job %s: trial %d left to the job's worker", job_id, index, exc_info=True)
+        return False
+
+
+def _the_jobs(exc: BaseException) -> bool:
+    """A trial task's error that ends the job: a cancel. Any other (the dataset or the
+    secrets unreadable on this machine, a full disk here) is this worker's own: raised to
+    run_trial_task, the job left to its worker, which runs the trial if nobody does."""
+    return isinstance(exc, JobCancelled)
+
+
 def run_trial_task(
     job_id: str, owner: str, index: int, store: JobStore, settings: Settings
 ) -> str | None:
-    """One trial task: None, or the job's terminal status when the task ended it (an
-    error fails the job, as it would in one worker)."""
+    """One trial task: None, or the job's terminal status when the task ended it (a
+    cancel; on_terminal then removed the tune state). An error of the task's own is
+    logged and leaves the job alone."""
     from crucible.runner import execute_owned
 
-    status = execute_owned(
-        job_id, owner, store, settings, trial_work(index, owner, store, settings)
-    )
-    if status is not None:
-        remove_tune_files(settings, job_id)
-    return status
+    if not _worth_running(job_id, owner, index, settings):
+        return None
+    work = trial_work(index, owner, store, settings)
+    try:
+        return execute_owned(
+            job_id, owner, store, settings, work, retry_on=lambda exc: not _the_jobs(exc)
+        )
+    except Exception:
+        log.warning(
+            "job %s: trial task %d failed before its work; left to the job's worker",
+            job_id,
+            index,
+            exc_info=True,
+        )
+        _LOADED.clear()
+        return None
 
 
 def trial_sender(trial_task: Any) -> SendTrials:
-    """Sends one worker.tasks.tune_trial task per index (no chord: nobody waits on them)."""
+    """Sends one worker.tasks.tune_trial task per index (no chord: nobody waits on them).
+    A task not started within the board's TTL expires unrun: its board is gone by then."""
 
     def send(job_id: str, owner: str, indices: list[int]) -> None:
         for index in indices:
-            trial_task.apply_async((job_id, owner, index))
+            trial_task.apply_async((job_id, owner, index), expires=BOARD_TTL_SECONDS)
 
     return send
