@@ -165,9 +165,7 @@ def main() -> None:
         f"worker count; load average after {load[0]:.2f}. Trials identical across worker "
         f"counts: {'yes' if same else 'NO'}.\n"
     )
-    print(
-        "| workers | threads each | tune stage s | job s | tune vs first | trials per worker |"
-    )
+    print("| workers | threads each | tune stage s | job s | tune vs first | trials per worker |")
     print("|---:|---:|---:|---:|---:|---|")
     first_tune = None
     for n in args.workers:
