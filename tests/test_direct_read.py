@@ -7,6 +7,7 @@ file with posix_fadvise(DONTNEED) after fsync, which needs no privileges."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -176,6 +177,54 @@ def test_a_file_system_that_refuses_o_direct_is_read_buffered(
     assert bytes(out) == data[777 : 777 + len(out)]
     assert refused == [str(path)]
     assert cached_pages(path) > 0  # read through the page cache
+
+
+def test_a_direct_read_refused_for_its_alignment_falls_back_to_buffered(
+    data_file: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system may take O_DIRECT at open and refuse the reads (EINVAL: a device with
+    blocks larger than 4 KiB, some FUSE or overlay mounts): the read is redone buffered,
+    and later reads of the file do not try again. (The refusal is injected: this ext4
+    accepts 4 KiB-aligned reads.)"""
+    path, data = data_file
+    refused: list[int] = []
+
+    def refusing(fd: int, view: memoryview, offset: int, where: Path) -> None:
+        refused.append(offset)
+        view[:10] = b"\0" * 10  # a partial fill before the error must not survive
+        raise OSError(errno.EINVAL, "Invalid argument", str(where))
+
+    monkeypatch.setattr(byte_source, "read_direct", refusing)
+    out = bytearray(3 * MIB)
+    source = LocalFile(path)
+    try:
+        source.read_into(4096, memoryview(out))
+        assert bytes(out) == data[4096 : 4096 + len(out)]
+        evict(path)
+        source.read_into(8 * MIB, memoryview(out))
+        assert bytes(out) == data[8 * MIB : 8 * MIB + len(out)]
+    finally:
+        source.close()
+    assert refused == [4096]
+
+
+def test_another_direct_read_error_is_raised(
+    data_file: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO is the disk's failure, not a refusal: it fails the read (and the job), as a
+    buffered read's would, instead of being retried in another way."""
+    path, _ = data_file
+
+    def failing(fd: int, view: memoryview, offset: int, where: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(where))
+
+    monkeypatch.setattr(byte_source, "read_direct", failing)
+    source = LocalFile(path)
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            source.read_into(0, memoryview(bytearray(2 * MIB)))
+    finally:
+        source.close()
 
 
 def test_a_merge_from_a_cold_cache_equals_the_warm_merge(

@@ -8,6 +8,7 @@ TensorReader opens its own.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -66,9 +67,21 @@ class LocalFile:
         if mostly_uncached(self._fd, offset, len(view)):
             direct = self._direct()
             if direct is not None:
-                read_direct(direct, view, offset, self.path)
-                return
+                try:
+                    read_direct(direct, view, offset, self.path)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    # The open took O_DIRECT but the read refuses our alignment (a device
+                    # with larger blocks, some FUSE or overlay mounts): buffered from now on.
+                    self._drop_direct()
         pread_view(self._fd, view, offset, self.path)
+
+    def _drop_direct(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
     def _direct(self) -> int | None:
         if not self._direct_tried:

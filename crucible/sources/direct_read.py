@@ -10,7 +10,8 @@ merged a moment ago) is read buffered as before: memory beats the disk.
 Residency comes from cachestat(2) (Linux 6.5+), which looks without starting I/O (a
 RWF_NOWAIT read would start readahead on a miss, then the direct read would fetch the same
 bytes again). Where cachestat or O_DIRECT is missing (older kernels, other systems, tmpfs)
-everything is read buffered.
+everything is read buffered, and so is every later read of a file whose O_DIRECT read
+was refused with EINVAL (an open that accepts the flag does not promise 4 KiB reads work).
 """
 
 from __future__ import annotations
