@@ -282,3 +282,24 @@ def test_dare_ties_formula(
     deltas = _dropped(base, experts, 0.4, rescale, 9)
     expected = ref_elect_merge(base, deltas, WEIGHTS, majority_sign, normalize, 0.6)
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rescale", [True, False])
+def test_the_drop_keeps_every_kept_entrys_bits_and_zeroes_the_rest(
+    dtype: torch.dtype, rescale: bool
+) -> None:
+    """dare_drop is where(keep, tau (/ density), +0.0) bit for bit: kept NaN, infinities and
+    -0.0 stay as they are, dropped ones (NaN included) become +0.0, and tau is left alone."""
+    special = [math.nan, math.inf, -math.inf, -0.0, 0.0, 1.5, -2.25]
+    n = 4000
+    values = torch.tensor([special[i % len(special)] for i in range(n)], dtype=dtype)
+    tau = values.clone()
+    keep = torch.from_numpy(documented_mask((n,), 0.5, 3, "blk.w", 1))
+    assert 0 < int(keep.sum()) < n
+    out = dare_linear.dare_drop(tau, 0.5, rescale, 3, "blk.w", 1)
+    scaled = values / 0.5 if rescale else values
+    expected = torch.where(keep, scaled, torch.zeros((), dtype=dtype))
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    assert torch.equal(out.view(ints), expected.view(ints))
+    assert torch.equal(tau.view(ints), values.view(ints))  # the input is not modified
