@@ -119,9 +119,10 @@ def test_statistics_and_trials_of_one_job_fan_out_and_match_one_worker(
             store.close()
         settings = Settings(data_dir=tmp_path / "single" / "data", allowed_local_dirs=[root])
         log = TrialLog()
-        done = run_merge_job(
-            MergeSpec.model_validate(spec), tmp_path / "single" / "out", settings, log, handles
-        )
+        with faults.workers_threads():
+            done = run_merge_job(
+                MergeSpec.model_validate(spec), tmp_path / "single" / "out", settings, log, handles
+            )
         assert done is not None
         assert sorted(log.trials) == list(range(TRIALS))
         reference_trials = [

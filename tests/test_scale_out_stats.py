@@ -157,7 +157,8 @@ def single_worker_run(svc: Service, family: Family, datasets: list[str], work: P
         store.close()
     settings = Settings(data_dir=work / "data", allowed_local_dirs=[family.root])
     spec = MergeSpec.model_validate(spec_of(family, datasets))
-    done = run_merge_job(spec, work / "out", settings, QuietReporter(), handles)
+    with faults.workers_threads():
+        done = run_merge_job(spec, work / "out", settings, QuietReporter(), handles)
     assert done is not None
     grams = gram_hashes(settings.artifacts_root)
     assert len(grams) == N_EXPERTS

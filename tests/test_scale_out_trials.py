@@ -855,7 +855,8 @@ def single_worker_run(
     settings = Settings(data_dir=work / "data", allowed_local_dirs=[family.root])
     spec = MergeSpec.model_validate(spec_of(family, handle.id))
     log = TrialLog()
-    done = run_merge_job(spec, work / "out", settings, log, {handle.id: handle}, trials=trials)
+    with faults.workers_threads():
+        done = run_merge_job(spec, work / "out", settings, log, {handle.id: handle}, trials=trials)
     assert done is not None
     assert sorted(log.trials) == list(range(TRIALS))
     params = [(log.trials[i]["params"], log.trials[i]["objective"]) for i in range(TRIALS)]

@@ -6,6 +6,7 @@ connection errors the way a real poller does."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -71,6 +72,32 @@ def make_slow_family(
         experts.append(root / f"expert_{i}")
         model.save_pretrained(experts[-1])
     return base, experts
+
+
+@functools.cache
+def worker_torch_threads() -> int:
+    """torch's intra-op thread count in a worker `service` starts (its environment sets no
+    OMP_NUM_THREADS, so torch's default), asked of a fresh interpreter."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    code = "import torch; print(torch.get_num_threads())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.strip())
+
+
+@contextmanager
+def workers_threads() -> Iterator[None]:
+    """Run the block on the workers' torch thread count: float reductions (a Gram's
+    products, a trial's forward pass) round differently with another count, so a
+    single-worker reference computed in the test process must match the workers', whatever
+    an earlier test or OMP_NUM_THREADS left this process at."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(worker_torch_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def file_hashes(folder: Path, card: bool = False) -> dict[str, str]:
