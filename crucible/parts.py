@@ -28,12 +28,11 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from crucible.artifacts import ArtifactStore, artifact_store
+from crucible.artifacts import ArtifactStore, artifact_store, write_text_atomic
 from crucible.device import compute_device
 from crucible.engine import MergeInputs, merge_model, output_plan
 from crucible.errors import CrucibleError
@@ -244,7 +243,7 @@ def part_work(key: str, part: Part, total: int, store: JobStore, settings: Setti
             "report": report.as_dict(),
         }
         rkey = record_key(job_id, key, part.index)
-        _write_atomic(artifacts.local_path(rkey), json.dumps(record, indent=1) + "\n")
+        write_text_atomic(artifacts.local_path(rkey), json.dumps(record, indent=1) + "\n")
         artifacts.put_file(artifacts.local_path(rkey), rkey)  # last: it marks the part done
         done = _count_done(artifacts, job_id, key)
         store_call(
@@ -368,13 +367,6 @@ def _link(src: Path, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copyfile(src, dest)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def chord_sender(part_task: Any, assemble_task: Any) -> SendParts:

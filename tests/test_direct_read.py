@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,14 @@ from tests.support.reporters import QuietReporter
 from tests.support.tiny_models import make_gpt2_family
 
 MIB = 1 << 20
+
+
+def read_range(path: Path, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` read through a LocalFile of its own."""
+    out = bytearray(length)
+    with closing(LocalFile(path)) as source:
+        source.read_into(offset, memoryview(out))
+    return bytes(out)
 
 
 def evict(path: Path) -> None:
@@ -96,13 +105,8 @@ def test_an_uncached_range_is_read_direct_exactly_and_stays_out_of_the_cache(
 ) -> None:
     path, data = data_file
     calls = spy_direct(monkeypatch)
-    out = bytearray(length)
-    source = LocalFile(path)
-    try:
-        source.read_into(offset, memoryview(out))
-    finally:
-        source.close()
-    assert bytes(out) == data[offset : offset + length]
+    out = read_range(path, offset, length)
+    assert out == data[offset : offset + length]
     assert calls == [(offset, length)]
     # A buffered read would have cached the whole range (and its readahead).
     assert cached_pages(path) == 0
@@ -115,13 +119,8 @@ def test_a_cached_range_is_read_buffered(
     assert path.read_bytes() == data  # warms the cache
     assert cached_pages(path) * 4096 >= len(data) - 4096
     calls = spy_direct(monkeypatch)
-    out = bytearray(6 * MIB)
-    source = LocalFile(path)
-    try:
-        source.read_into(12345, memoryview(out))
-    finally:
-        source.close()
-    assert bytes(out) == data[12345 : 12345 + len(out)]
+    out = read_range(path, 12345, 6 * MIB)
+    assert out == data[12345 : 12345 + len(out)]
     assert calls == []
 
 
@@ -130,24 +129,15 @@ def test_a_small_read_is_buffered_even_when_uncached(
 ) -> None:
     path, data = data_file
     calls = spy_direct(monkeypatch)
-    out = bytearray(direct_read.DIRECT_MIN_BYTES - 1)
-    source = LocalFile(path)
-    try:
-        source.read_into(99, memoryview(out))
-    finally:
-        source.close()
-    assert bytes(out) == data[99 : 99 + len(out)]
+    out = read_range(path, 99, direct_read.DIRECT_MIN_BYTES - 1)
+    assert out == data[99 : 99 + len(out)]
     assert calls == []
 
 
 def test_a_read_past_the_end_is_an_error(data_file: tuple[Path, bytes]) -> None:
     path, data = data_file
-    source = LocalFile(path)
-    try:
-        with pytest.raises(OSError, match="unexpected end of file"):
-            source.read_into(len(data) - MIB, memoryview(bytearray(2 * MIB)))
-    finally:
-        source.close()
+    with pytest.raises(OSError, match="unexpected end of file"):
+        read_range(path, len(data) - MIB, 2 * MIB)
 
 
 def test_a_file_system_that_refuses_o_direct_is_read_buffered(
@@ -168,12 +158,9 @@ def test_a_file_system_that_refuses_o_direct_is_read_buffered(
 
     monkeypatch.setattr(os, "open", refusing_open)
     out = bytearray(4 * MIB)
-    source = LocalFile(path)
-    try:
+    with closing(LocalFile(path)) as source:
         source.read_into(777, memoryview(out))
         source.read_into(777, memoryview(out))  # the refusal is remembered, not retried
-    finally:
-        source.close()
     assert bytes(out) == data[777 : 777 + len(out)]
     assert refused == [str(path)]
     assert cached_pages(path) > 0  # read through the page cache
@@ -196,15 +183,12 @@ def test_a_direct_read_refused_for_its_alignment_falls_back_to_buffered(
 
     monkeypatch.setattr(byte_source, "read_direct", refusing)
     out = bytearray(3 * MIB)
-    source = LocalFile(path)
-    try:
+    with closing(LocalFile(path)) as source:
         source.read_into(4096, memoryview(out))
         assert bytes(out) == data[4096 : 4096 + len(out)]
         evict(path)
         source.read_into(8 * MIB, memoryview(out))
         assert bytes(out) == data[8 * MIB : 8 * MIB + len(out)]
-    finally:
-        source.close()
     assert refused == [4096]
 
 
@@ -219,12 +203,8 @@ def test_another_direct_read_error_is_raised(
         raise OSError(errno.EIO, "Input/output error", str(where))
 
     monkeypatch.setattr(byte_source, "read_direct", failing)
-    source = LocalFile(path)
-    try:
-        with pytest.raises(OSError, match="Input/output error"):
-            source.read_into(0, memoryview(bytearray(2 * MIB)))
-    finally:
-        source.close()
+    with pytest.raises(OSError, match="Input/output error"):
+        read_range(path, 0, 2 * MIB)
 
 
 def test_a_merge_from_a_cold_cache_equals_the_warm_merge(

@@ -67,9 +67,9 @@ from crucible.tune.factorized import (
 from crucible.tune.scratch import (
     BOARD_TTL_SECONDS,
     attempt_key,
+    attempt_prefix,
     delete_board,
     redis_client,
-    remove_attempts,
     remove_tune_files,
     tune_prefix,
 )
@@ -78,7 +78,6 @@ from crucible.tune.trial import TrialResult, run_trial
 from crucible.tune.trials import (
     TrialBoard,
     TrialFanout,
-    attempt_folder,
     fanout_enabled,
     fetch_state,
     load_state,
@@ -392,7 +391,7 @@ def test_a_removed_board_stays_removed(redis_url: str) -> None:
     worker = other_worker(board)
     assert worker.claim(1, 60)
     delete_board(board.client, "job1")
-    assert job_keys(redis_url) == [] and not board.is_open() and board.generation() is None
+    assert job_keys(redis_url) == [] and board.generation() is None
     assert not worker.write_result(1, result(1.0)) and not board.write_values(2, {})
     assert not board.claim(2, 60) and not worker.renew(1, 60)
     assert job_keys(redis_url) == []
@@ -447,13 +446,15 @@ def test_a_parent_closing_its_attempt_leaves_other_boards_alone(
     b.open([], {}, {})  # removed a's, as a new attempt does
     assert b.board.write_values(0, {"global": {"scale": 1.0}})
     a.close()
-    assert b.board.is_open() and b.board.read_values(0) == {"global": {"scale": 1.0}}
+    assert b.board.generation() is not None and b.board.read_values(0) == {"global": {"scale": 1.0}}
     assert (b.folder / "manifest.json").is_file()
     again = TrialFanout(settings, lambda *_: None, "job1", "host:2:b")
     again.open([], {}, {})
     assert again.board.write_values(0, {"global": {"scale": 0.5}})
     b.close()
-    assert again.board.is_open() and again.board.read_values(0) == {"global": {"scale": 0.5}}
+    assert again.board.generation() is not None and again.board.read_values(0) == {
+        "global": {"scale": 0.5}
+    }
     assert (again.folder / "manifest.json").is_file()
     again.close()
     assert job_keys(redis_url) == [] and not again.folder.exists()
@@ -473,11 +474,11 @@ def test_opening_a_batch_clears_every_earlier_run_of_the_job(
     same.write_result(1, result(7.0))
     fanout = TrialFanout(settings, lambda *_: None, "job1", "host:2:this")
     fanout.open([], {}, {})
-    assert fanout.board.is_open() and (fanout.folder / "manifest.json").is_file()
+    assert fanout.board.generation() is not None and (fanout.folder / "manifest.json").is_file()
     assert not attempt_folder(settings, "job1", "host:1:earlier").exists()
-    assert not earlier.is_open() and earlier.claimant(0) is None
+    assert earlier.generation() is None and earlier.claimant(0) is None
     assert fanout.board.read_result(1) is None and fanout.board.claim(0, 60)
-    assert unrelated.is_open() and unrelated.read_values(1) == {
+    assert unrelated.generation() is not None and unrelated.read_values(1) == {
         "global": {"rho": 0.1, "scale": 1.0}
     }
     fanout.close()
@@ -519,6 +520,11 @@ def owned_job(
     owner = worker_identity()
     assert store.claim(job.id, owner, settings.lease_seconds) is not None
     return store, settings, job.id, owner
+
+
+def attempt_folder(settings: Settings, job_id: str, owner: str) -> Path:
+    """An attempt's folder in the local artifact folder (its stored state, local store)."""
+    return artifact_store(settings).local_path(attempt_prefix(job_id, attempt_key(owner)))
 
 
 def stored_batch(settings: Settings, job_id: str, owner: str) -> TrialBoard:
@@ -576,7 +582,7 @@ def test_a_cancelled_jobs_trial_task_ends_it_and_removes_the_tune_files(
     board = stored_batch(settings, job_id, owner)
     assert store.request_cancel(job_id, "acme") is not None
     assert run_trial_task(job_id, owner, 1, store, settings) == "cancelled"
-    assert not board.is_open() and job_keys(redis_url, job_id) == []
+    assert board.generation() is None and job_keys(redis_url, job_id) == []
     assert not (settings.artifacts_root / tune_prefix(job_id)).exists()
 
 
@@ -600,7 +606,7 @@ def test_the_parent_stops_waiting_when_its_board_is_removed(redis_url: str) -> N
     assert other_worker(board).claim(1, 60)  # another worker holds trial 1
 
     def job_ended_elsewhere() -> None:
-        remove_attempts(Settings(broker_url=redis_url), "job1")
+        remove_tune_files(Settings(broker_url=redis_url), "job1")
 
     with pytest.raises(CrucibleError, match="removed"):
         schedule(board, [0, 1], Runs(), job_ended_elsewhere, poll_seconds=0)
@@ -682,7 +688,7 @@ def test_a_job_that_ends_removes_every_attempts_tune_files(tmp_path: Path, redis
     store, settings, job_id, first = owned_job(tmp_path, redis_url)
     earlier = stored_batch(settings, job_id, first)
     assert store.heartbeat(job_id, first, -1)  # attempt 1's worker died: its lease ran out
-    assert earlier.is_open() and job_keys(redis_url, job_id)
+    assert earlier.generation() is not None and job_keys(redis_url, job_id)
     assert execute_job(job_id, store, settings) == "failed"
     held = store.ownership(job_id)
     assert held is not None and held.attempts == 2
@@ -704,7 +710,7 @@ def test_a_trial_task_failing_before_its_work_leaves_the_job_alone(
     job = store.get_job(job_id)
     assert job is not None and job.status == "running", job.error
     assert not [e for e in job.events if e.kind in ("error", "trial_released")]
-    assert not board.claimed_once(1) and board.is_open()
+    assert not board.claimed_once(1) and board.generation() is not None
     # With the parent's key the same task gets as far as its claim (then its models,
     # nowhere here, fail it: given back).
     assert run_trial_task(job_id, owner, 1, store, settings) is None
@@ -883,7 +889,7 @@ def test_trials_from_the_stored_state_equal_a_single_worker_run(
 
     def send(job_id: str, owner: str, indices: list[int]) -> None:
         sent.append(indices)
-        assert fanout.board.is_open()
+        assert fanout.board.generation() is not None
         if not helper:
             inputs, _ = _resolve(spec, settings, QuietReporter())
             device = compute_device(settings.device)

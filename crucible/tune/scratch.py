@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,10 +111,11 @@ def delete_board(client: redis.Redis, job_id: str, attempt: str | None = None) -
         client.delete(*keys[start : start + 1000])
 
 
-def remove_attempts(settings: Settings, job_id: str, attempt: str | None = None) -> None:
-    """An attempt's board, stored objects and local folder (every attempt's without
-    `attempt`). Never raises: each part that fails is logged, and the others still go
-    (the board keys expire anyway)."""
+def remove_tune_files(settings: Settings, job_id: str, attempt: str | None = None) -> None:
+    """An attempt's tune state: board keys, stored objects, local folder; without
+    `attempt`, every attempt's (the job is over: its tuning can no longer use them). Never
+    raises: each part that fails is logged, and the others still go (the board keys
+    expire anyway)."""
     prefix = attempt_prefix(job_id, attempt) if attempt else tune_prefix(job_id)
 
     def board() -> None:
@@ -150,12 +153,6 @@ def remove_attempts(settings: Settings, job_id: str, attempt: str | None = None)
             log.warning("job %s: the tune %s was not removed", job_id, what, exc_info=True)
 
 
-def remove_tune_files(settings: Settings, job_id: str) -> None:
-    """Every attempt's tune state of the job (its tuning can no longer use it): board
-    keys, stored objects, local folder. Never raises."""
-    remove_attempts(settings, job_id)
-
-
 def may_have_tune_files(settings: Settings, spec: Mapping[str, Any] | None) -> bool:
     """Whether a job of this spec can have fanned its trials out: tuned, and a Redis
     broker (crucible.tune.trials.fanout_enabled). Spares every other job's end the SCANs
@@ -186,11 +183,30 @@ def sweep_stale_folders(jobs: Path, max_age_seconds: float = BOARD_TTL_SECONDS) 
                         continue
                 except OSError:
                     continue  # gone meanwhile
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_copy_folder(folder)
                 removed += 1
-                for made in (folder.parent, folder.parent.parent):  # the job's, once empty
-                    with contextlib.suppress(OSError):
-                        made.rmdir()
     except Exception:
         log.warning("stale tune folders not swept", exc_info=True)
     return removed
+
+
+@contextlib.contextmanager
+def copy_folder(jobs: Path, tune: Path, kind: str, name: str) -> Iterator[Path]:
+    """A folder of this process's own (`kind`: PUT_FOLDER or FETCH_FOLDER) in a job's tune
+    folder `tune` of the local cache, for state on its way to or from a remote store: two
+    processes of one machine never share it. Removed afterwards, with the job's folders
+    it leaves empty; the stale ones a killed process left under `jobs` go first."""
+    sweep_stale_folders(jobs)
+    folder = tune / f"{kind}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield folder
+    finally:
+        remove_copy_folder(folder)
+
+
+def remove_copy_folder(folder: Path) -> None:
+    """`folder`, then its tune folder and job folder once empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for made in (folder.parent, folder.parent.parent):
+        with contextlib.suppress(OSError):
+            made.rmdir()

@@ -51,6 +51,7 @@ from crucible.tune.factorized import FactorizedModule, build_factorized
 from crucible.tune.optimizer import TrialRecord, run_tuning
 from crucible.tune.space import GroupValues, SearchSpace, module_groups, override_rules
 from crucible.tune.trial import TrialResult, run_trial
+from crucible.tune.trials import not_split_reason
 
 if TYPE_CHECKING:
     from crucible.datasets.storage import DatasetHandle
@@ -176,8 +177,6 @@ def tune_merge(
             # The fan-out only saves time: a folder that cannot take the factorizations (a
             # full disk: bmm's are larger than the model), or Redis unreachable, leaves the
             # trials to this worker rather than failing a job one worker can run.
-            from crucible.tune.trials import not_split_reason
-
             fanout.close()
             fanout = None
             reporter.event(

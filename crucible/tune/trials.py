@@ -51,7 +51,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -65,7 +64,7 @@ import torch
 from redis.exceptions import RedisError
 from safetensors.torch import load_file, save_file
 
-from crucible.artifacts import ArtifactStore, artifact_store, put_folder
+from crucible.artifacts import ArtifactStore, artifact_store, put_folder, write_text_atomic
 from crucible.errors import CrucibleError, JobCancelled
 from crucible.lease import LeaseLost
 from crucible.settings import Settings
@@ -80,10 +79,9 @@ from crucible.tune.scratch import (
     attempt_key,
     attempt_prefix,
     board_namespace,
+    copy_folder,
     redis_client,
-    remove_attempts,
     remove_tune_files,
-    sweep_stale_folders,
 )
 from crucible.tune.space import GroupValues
 from crucible.tune.trial import TrialResult, run_trial
@@ -111,11 +109,6 @@ SendTrials = Callable[[str, str, list[int]], None]
 EventSink = Callable[[str, str, "dict[str, Any] | None"], None]
 
 
-def attempt_folder(settings: Settings, job_id: str, owner: str) -> Path:
-    """This attempt's folder in the local artifact folder (the parent's copy of its state)."""
-    return artifact_store(settings).local_path(attempt_prefix(job_id, attempt_key(owner)))
-
-
 def fanout_enabled(settings: Settings, batch: int) -> bool:
     minimum = settings.trial_fanout_min_batch
     return (
@@ -127,13 +120,6 @@ def fanout_enabled(settings: Settings, batch: int) -> bool:
 
 
 # --------------------------------------------------------------------------- state
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Atomically: a reader sees the whole file or none."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def _module_file(index: int) -> str:
@@ -155,7 +141,7 @@ def save_state(
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(folder / _module_file(i)))
         entries.append({**meta, "group": group_of[module.name]})
     save_file({k: t.contiguous() for k, t in fixed.items()}, str(folder / FIXED_FILE))
-    _write_json(folder / MANIFEST, {"modules": entries})
+    write_text_atomic(folder / MANIFEST, json.dumps({"modules": entries}))
 
 
 @dataclass
@@ -178,15 +164,14 @@ def load_state(folder: Path, device: torch.device | str) -> StoredState:
 
 def fetch_state(store: ArtifactStore, prefix: str, device: torch.device | str) -> StoredState:
     """The state stored under `prefix`, manifest first. From a local store, its own files
-    (get_file has nothing to do); from a remote one, through a folder of this process's
-    own in the local cache (two processes of one machine never share it), removed once
-    loaded."""
+    (get_file has nothing to do); from a remote one, through a copy folder of this
+    process's own in the local cache, removed once loaded."""
     local = store.local_path(prefix)
-    folder = local
-    if store.remote:
-        sweep_stale_folders(store.local_path("jobs"))
-        folder = local.parent / f"{FETCH_FOLDER}{local.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with (
+        copy_folder(store.local_path("jobs"), local.parent, FETCH_FOLDER, local.name)
+        if store.remote
+        else contextlib.nullcontext(local)
+    ) as folder:
 
         def get(name: str) -> None:
             if not store.get_file(f"{prefix}/{name}", folder / name):
@@ -197,13 +182,6 @@ def fetch_state(store: ArtifactStore, prefix: str, device: torch.device | str) -
         for name in [*(_module_file(i) for i in range(count)), FIXED_FILE]:
             get(name)
         return load_state(folder, device)
-    finally:
-        if folder != local:
-            shutil.rmtree(folder, ignore_errors=True)
-            # The job's folders this fetch made in a cache that holds nothing else of it.
-            for made in (local.parent, local.parent.parent):
-                with contextlib.suppress(OSError):
-                    made.rmdir()
 
 
 # --------------------------------------------------------------------------- the board
@@ -295,9 +273,6 @@ class TrialBoard:
     def generation(self) -> str | None:
         value = self.client.get(self.key(OPEN))
         return None if value is None else bytes(value).decode()
-
-    def is_open(self) -> bool:
-        return bool(self.client.exists(self.key(OPEN)))
 
     # Values and results.
 
@@ -486,20 +461,13 @@ class TrialFanout:
         self.board.client.ping()
         remove_tune_files(self._settings, self._job_id)
         if self.store.remote:
-            # Written to a folder of this process's own, removed once uploaded: the
-            # helpers fetch from the store, and a copy here would stay all the tuning (a
-            # model's size), or forever were this worker killed.
-            sweep_stale_folders(self.store.local_path("jobs"))
-            name = f"{PUT_FOLDER}{self.attempt}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            folder = self.folder.parent / name
-            try:
+            # Written to a copy folder removed once uploaded: the helpers fetch from the
+            # store, and a copy here would stay all the tuning (a model's size), or
+            # forever were this worker killed.
+            jobs = self.store.local_path("jobs")
+            with copy_folder(jobs, self.folder.parent, PUT_FOLDER, self.attempt) as folder:
                 save_state(folder, modules, fixed, group_of)
                 put_folder(self.store, folder, self.prefix, last=MANIFEST)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-                for made in (folder.parent, folder.parent.parent):  # the job's, once empty
-                    with contextlib.suppress(OSError):
-                        made.rmdir()
         else:
             save_state(self.folder, modules, fixed, group_of)
         self.board.open()
@@ -591,7 +559,7 @@ class TrialFanout:
             if current is not None and current != opened:
                 log.warning("job %s: its trial board was reopened; left to it", self._job_id)
                 return
-        remove_attempts(self._settings, self._job_id, self.attempt)
+        remove_tune_files(self._settings, self._job_id, self.attempt)
         with contextlib.suppress(OSError):
             self.folder.parent.rmdir()
 
@@ -667,33 +635,28 @@ def _load(
     return _LOADED[0]
 
 
-def trial_work(index: int, owner: str, store: JobStore, settings: Settings) -> OwnedWork:
-    """What one `crucible.tune_trial` task does for the job (run by runner.execute_owned)."""
+def trial_work(
+    index: int, owner: str, board: TrialBoard, store: JobStore, settings: Settings
+) -> OwnedWork:
+    """What one `crucible.tune_trial` task does for the job (run by runner.execute_owned)
+    on `board`, the opening it found (`_open_board`)."""
 
     def work(job: Job, spec: MergeSpec, reporter: StoreReporter, hub_token: str | None) -> None:
         reporter.check_cancelled()
-        client = redis_client(settings)
-        if client is None:
-            return None
-        attempt = attempt_key(owner)
-        board = TrialBoard(client, job.id, attempt)
+        generation = board.opened
+        assert generation is not None
         try:
-            generation = board.generation()
-            if generation is None:
-                _LOADED.clear()  # the attempt's tuning is over: free its modules
-                return None
-            board.opened = generation  # this task writes into this opening only
-            if board.read_result(index) is not None:
-                return None
+            # Fails if the parent or another task has the trial, it has a result, or the
+            # board went (or was reopened) since the look.
             if not board.claim(index, settings.lease_seconds):
-                return None  # the parent, or another task, has it; or the board just went
+                return None
         except RedisError:
             # Not the job's failure: the parent runs the trial once nobody claims it.
             log.warning("job %s: trial %d left to the job's worker", job.id, index, exc_info=True)
             return None
         try:
             with board.heartbeat(index, settings.heartbeat_seconds, settings.lease_seconds):
-                prefix = attempt_prefix(job.id, attempt)
+                prefix = attempt_prefix(job.id, attempt_key(owner))
                 loaded = _load(job, spec, prefix, generation, store, settings, reporter, hub_token)
                 values = board.read_values(index)
                 reporter.check_cancelled()
@@ -729,22 +692,25 @@ def trial_work(index: int, owner: str, store: JobStore, settings: Settings) -> O
     return work
 
 
-def _worth_running(job_id: str, owner: str, index: int, settings: Settings) -> bool:
-    """Whether the trial's board is open and the trial unfinished: one round trip before
-    the job's dataset and secrets are fetched (a task queued behind the tuning's end, or
-    behind the parent running its trial, costs nothing more)."""
+def _open_board(job_id: str, owner: str, index: int, settings: Settings) -> TrialBoard | None:
+    """The trial's board as it is now open (the task writes into that opening only), or
+    None when it is closed or the trial has a result: a look before the job's dataset and
+    secrets are fetched (a task queued behind the tuning's end, or behind the parent
+    running its trial, costs nothing more)."""
     client = redis_client(settings)
     if client is None:
-        return False
+        return None
     board = TrialBoard(client, job_id, attempt_key(owner))
     try:
-        if board.generation() is None:
+        generation = board.generation()
+        if generation is None:
             _LOADED.clear()  # the attempt's tuning is over: free its modules
-            return False
-        return board.read_result(index) is None
+            return None
+        board.opened = generation
+        return board if board.read_result(index) is None else None
     except RedisError:
         log.warning("job %s: trial %d left to the job's worker", job_id, index, exc_info=True)
-        return False
+        return None
 
 
 def _the_jobs(exc: BaseException) -> bool:
@@ -762,9 +728,10 @@ def run_trial_task(
     logged and leaves the job alone."""
     from crucible.runner import execute_owned
 
-    if not _worth_running(job_id, owner, index, settings):
+    board = _open_board(job_id, owner, index, settings)
+    if board is None:
         return None
-    work = trial_work(index, owner, store, settings)
+    work = trial_work(index, owner, board, store, settings)
     try:
         return execute_owned(
             job_id, owner, store, settings, work, retry_on=lambda exc: not _the_jobs(exc)
