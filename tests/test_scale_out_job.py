@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,9 +21,9 @@ from crucible.settings import Settings
 from crucible.spec import MergeSpec
 from tests.support import faults
 from tests.support.faults import OwnPostgres, PatientClient, make_slow_family, submit
-from tests.support.reporters import QuietReporter
 from tests.support.tiny_models import tiny_texts, tiny_word_tokenizer
-from tests.test_scale_out_stats import output_of
+from tests.test_scale_out_stats import events, output_of
+from tests.test_scale_out_trials import TrialLog
 
 N_EXPERTS = 2
 TRIALS = 4
@@ -34,14 +33,6 @@ ROWS = 48
 # claim a trial (seconds on a loaded machine); without a long claim wait the job's worker
 # could run every trial itself and the test would prove nothing about the fan-out.
 CLAIM_WAIT = {"CRUCIBLE_TRIAL_CLAIM_WAIT_SECONDS": "120"}
-
-
-class TrialLog(QuietReporter):
-    def __init__(self) -> None:
-        self.trials: dict[int, dict[str, Any]] = {}
-
-    def trial(self, index: int, data: dict[str, Any]) -> None:
-        self.trials[index] = data
 
 
 def make_data(root: Path) -> tuple[Path, list[Path], list[bytes], bytes]:
@@ -92,10 +83,6 @@ def spec_of(base: Path, experts: list[Path], expert_sets: list[str], tune_set: s
             "groups": "global",
         },
     }
-
-
-def events(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e for e in job["events"] if e["kind"] == kind]
 
 
 @pytest.mark.e2e
